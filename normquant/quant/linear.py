@@ -1,0 +1,138 @@
+"""QuantLinear: an ``nn.Linear`` (or GPT-2 ``Conv1D``) with a weight quantizer and an input-activation quantizer.
+
+The weight is stored *fake-quantized* (``s * (q - z)`` in float) together with its ``weight_scale`` and
+``weight_zero_point``; the integer codes are recovered exactly at export as ``round(W / s) + z``.
+
+>>> import torch
+>>> from normquant.quant.spec import QuantSpec
+>>> ql = QuantLinear.wrap(torch.nn.Linear(16, 8), QuantSpec(bits=8), QuantSpec(bits=8, granularity="token", dynamic=True))
+>>> ql.quantize_weight()
+>>> ql(torch.randn(2, 3, 16)).shape
+torch.Size([2, 3, 8])
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normquant.quant.primitives import (
+    QuantError,
+    check_finite,
+    choose_qparams,
+    fake_quantize,
+    fake_quantize_dynamic,
+    qparams_from_range,
+    reduction_view,
+)
+from normquant.quant.spec import QuantSpec
+
+
+class ActivationQuantizer(nn.Module):
+    """Fake-quantizes a linear's input ``[..., C]``.
+
+    Dynamic specs compute qparams per call. Static specs (``tensor`` or ``channel``) are calibrated: while
+    ``observing`` is true the running min/max is recorded and the input passes unchanged; :meth:`freeze`
+    turns the range into ``scale``/``zero_point`` buffers.
+    """
+
+    def __init__(self, spec: QuantSpec):
+        super().__init__()
+        if not spec.dynamic and spec.granularity not in ("tensor", "channel"):
+            raise QuantError(f"static activation quantization supports granularity tensor or channel, got '{spec.granularity}'; "
+                             "use dynamic: true for token/group")
+        self.spec = spec
+        self.observing = not spec.dynamic
+        self.register_buffer("scale", None)
+        self.register_buffer("zero_point", None)
+        self.register_buffer("running_min", None)
+        self.register_buffer("running_max", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.dynamic:
+            return fake_quantize_dynamic(x, self.spec, channel_axis=-1)
+        if self.observing:
+            self.observe(x)
+            return x
+        if self.scale is None:
+            raise QuantError("static activation quantizer used before calibration; run calibration first")
+        return fake_quantize(x, self.scale.to(x.dtype), self.zero_point.to(x.dtype), self.spec, channel_axis=-1)
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        check_finite(x, "calibration activations")
+        xv, _ = reduction_view(x.detach().float(), self.spec, channel_axis=-1)
+        lo, hi = xv.amin(dim=1, keepdim=True), xv.amax(dim=1, keepdim=True)
+        if self.running_min is None:
+            self.running_min, self.running_max = lo, hi
+        else:
+            self.running_min = torch.minimum(self.running_min, lo)
+            self.running_max = torch.maximum(self.running_max, hi)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        if self.running_min is None:
+            raise QuantError("static activation quantizer saw no calibration data")
+        self.scale, self.zero_point = qparams_from_range(self.running_min, self.running_max, self.spec)
+        self.running_min = self.running_max = None
+        self.observing = False
+
+    def extra_repr(self) -> str:
+        return self.spec.short()
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with fake-quantized weight and (optionally) input activations; ``y = Q(x) Q(W)^T + b``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weight_spec: QuantSpec | None,
+                 input_spec: QuantSpec | None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)  # [out, in]
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.weight_spec = weight_spec
+        self.input_quant = ActivationQuantizer(input_spec) if input_spec is not None else None
+        self.register_buffer("weight_scale", None)
+        self.register_buffer("weight_zero_point", None)
+
+    @classmethod
+    def wrap(cls, module: nn.Module, weight_spec: QuantSpec | None, input_spec: QuantSpec | None) -> "QuantLinear":
+        """Build from ``nn.Linear`` or a GPT-2 style ``Conv1D`` (weight ``[in, out]``, transposed here)."""
+        if isinstance(module, nn.Linear):
+            weight = module.weight
+        elif type(module).__name__ == "Conv1D":
+            weight = module.weight.t()
+        else:
+            raise QuantError(f"cannot quantize module of type {type(module).__name__}; only Linear and Conv1D")
+        return cls(weight, module.bias, weight_spec, input_spec)
+
+    @property
+    def weight_quantized(self) -> bool:
+        return self.weight_scale is not None
+
+    @torch.no_grad()
+    def quantize_weight(self, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> None:
+        """Round-to-nearest the weight with min-max qparams (or the given ones, e.g. from GPTQ / clip search)."""
+        if self.weight_spec is None:
+            return
+        w = self.weight.data.float()
+        check_finite(w, "weight")
+        if scale is None:
+            scale, zero = choose_qparams(w, self.weight_spec, channel_axis=0)
+        self.weight.data = fake_quantize(w, scale, zero, self.weight_spec, channel_axis=0).to(self.weight.dtype)
+        self.weight_scale, self.weight_zero_point = scale.float(), zero.float()
+
+    @torch.no_grad()
+    def set_quantized_weight(self, w_hat: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Install an already fake-quantized weight (``s * (q - z)``) and its qparams (GPTQ's output)."""
+        self.weight.data = w_hat.to(self.weight.dtype)
+        self.weight_scale, self.weight_zero_point = scale.float(), zero.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        w = self.weight_spec.short() if self.weight_spec else "float"
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, w={w}"

@@ -1,0 +1,57 @@
+"""QuantSpec: a frozen, validated description of one uniform quantizer.
+
+Granularity is data (``tensor | channel | group | token``); a group size is only present for ``group``.
+
+>>> QuantSpec(bits=4, granularity="group", group_size=64)
+QuantSpec(bits=4, symmetric=True, granularity='group', group_size=64, dynamic=False, clip_ratio=1.0)
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+
+Granularity = Literal["tensor", "channel", "group", "token"]
+
+
+class QuantSpec(BaseModel):
+    """One quantizer.
+
+    * ``bits``: integer width, 2..8.
+    * ``symmetric``: signed grid ``[-2^(b-1), 2^(b-1)-1]`` with zero point 0; otherwise an unsigned grid
+      ``[0, 2^b-1]`` with an integer zero point.
+    * ``granularity``: one scale for the whole ``tensor``; per ``channel`` (weights: per output row;
+      activations: per hidden channel); per ``group`` of ``group_size`` consecutive input elements; per
+      ``token`` (one scale per row of the last dimension, activations).
+    * ``dynamic``: activation scales computed on the fly for every forward pass (otherwise calibrated once).
+    * ``clip_ratio``: the range is shrunk by this factor before the scale is computed (QuaRot uses 0.9).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: int = Field(ge=2, le=8, strict=True)
+    symmetric: StrictBool = True
+    granularity: Granularity = "channel"
+    group_size: int | None = Field(default=None, gt=0, strict=True)
+    dynamic: StrictBool = False
+    clip_ratio: float = Field(default=1.0, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "QuantSpec":
+        if self.granularity == "group" and self.group_size is None:
+            raise ValueError("granularity 'group' needs group_size (e.g. group_size: 64)")
+        if self.granularity != "group" and self.group_size is not None:
+            raise ValueError(f"group_size is only allowed with granularity 'group' (got granularity '{self.granularity}')")
+        return self
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def short(self) -> str:
+        g = {"group": f"g{self.group_size}", "channel": "ch", "tensor": "t", "token": "tok"}[self.granularity]
+        return f"int{self.bits}-{'sym' if self.symmetric else 'asym'}-{g}{'-dyn' if self.dynamic else ''}"
