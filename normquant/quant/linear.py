@@ -42,13 +42,16 @@ class ActivationQuantizer(nn.Module):
             raise QuantError(f"static activation quantization supports granularity tensor or channel, got '{spec.granularity}'; "
                              "use dynamic: true for token/group")
         self.spec = spec
-        self.observing = not spec.dynamic
+        self.enabled = True  # False passes inputs through (while a block's steps run)
+        self.observing = False
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
         self.register_buffer("running_min", None)
         self.register_buffer("running_max", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
         if self.spec.dynamic:
             return fake_quantize_dynamic(x, self.spec, channel_axis=-1)
         if self.observing:

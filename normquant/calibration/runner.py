@@ -1,0 +1,151 @@
+"""The sequential block runner: capture the inputs of block 0, then process one block at a time.
+
+Each block's outputs are computed on the *quantized path* (after its steps ran) and become the next
+block's inputs. Only the block being processed is moved to the compute device; the rest stay where they
+are (CPU, or wherever accelerate's ``device_map`` put them), so peak accelerator memory does not grow with
+depth.
+
+>>> for ctx in run_blocks(model, calib_ids, device="cpu"):   # doctest: +SKIP
+...     step(ctx)                  # edit ctx.block
+...     ctx.advance()              # outputs of the edited block -> inputs of the next
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from normquant.models.arch import Architecture, get_architecture, get_blocks
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class BlockContext:
+    """What a step sees of one block.
+
+    ``inputs``: ``[N, L, C]`` hidden states entering the block (quantized path, on ``store_device``);
+    ``kwargs``: the block's other call arguments (position embeddings, masks), shared by all samples.
+    """
+
+    index: int
+    name: str  # dotted module name of the block in the model
+    block: nn.Module
+    arch: Architecture
+    model: nn.Module
+    inputs: torch.Tensor
+    kwargs: dict
+    device: torch.device
+    batch_size: int = 8
+    quant_linears: dict = field(default_factory=dict)  # block-relative name -> QuantLinear
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Run the block on hidden states ``[b, L, C]`` (moved to the compute device)."""
+        out = self.block(hidden.to(self.device), **self.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        for i in range(0, self.inputs.shape[0], self.batch_size):
+            yield self.inputs[i:i + self.batch_size]
+
+    @torch.no_grad()
+    def outputs(self) -> torch.Tensor:
+        """Block outputs for all inputs, ``[N, L, C]`` on the store device."""
+        return torch.cat([self.forward(x).to(self.inputs.device) for x in self.batches()])
+
+    def advance(self) -> None:
+        self.inputs = self.outputs()
+
+
+def _move_kwargs(kwargs: dict, device: torch.device) -> dict:
+    def mv(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        if isinstance(v, tuple):
+            return tuple(mv(x) for x in v)
+        return v
+
+    return {k: mv(v) for k, v in kwargs.items()}
+
+
+@torch.no_grad()
+def capture_block0_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, device: torch.device,
+                          batch_size: int) -> tuple[torch.Tensor, dict]:
+    """Run the model up to block 0 and return its inputs ``[N, L, C]`` (CPU) and call kwargs."""
+    hidden: list[torch.Tensor] = []
+    kwargs: dict = {}
+
+    def hook(_module, args, kw):
+        x = args[0] if args else kw.pop("hidden_states")
+        hidden.append(x.detach().cpu())
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, input_ids.shape[0], batch_size):
+            try:
+                model(input_ids=input_ids[i:i + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "use_cache")}
+    return torch.cat(hidden), kwargs
+
+
+def _offloaded(model: nn.Module) -> bool:
+    return bool(getattr(model, "hf_device_map", None))
+
+
+def run_blocks(model: nn.Module, input_ids: torch.Tensor, *, device: str | torch.device = "cpu",
+               batch_size: int = 8) -> Iterator[BlockContext]:
+    """Yield a :class:`BlockContext` per block, in order; the caller edits the block then calls ``advance()``.
+
+    Without a ``device_map`` the blocks live on CPU and each is moved to ``device`` while processed, so the
+    accelerator holds one block plus the activations.
+    """
+    device = torch.device(device)
+    arch = get_architecture(model)
+    blocks = get_blocks(model, arch)
+    offloaded = _offloaded(model)
+    if not offloaded:  # everything but the blocks goes to the compute device for the capture
+        model.cpu()
+        for name, child in model.named_children():
+            _move_non_blocks(child, blocks, device)
+    inputs, kwargs = capture_block0_inputs(model, blocks, input_ids, device if not offloaded else
+                                           next(model.parameters()).device, batch_size)
+    prefix = _blocks_name(model, blocks)
+    for i, block in enumerate(blocks):
+        dev = device if not offloaded else next(block.parameters()).device
+        if not offloaded:
+            block.to(dev)
+        ctx = BlockContext(i, f"{prefix}.{i}", block, arch, model, inputs, _move_kwargs(kwargs, dev), dev, batch_size)
+        yield ctx
+        inputs = ctx.inputs
+        if not offloaded:
+            block.cpu()
+    if not offloaded:
+        model.to(device)
+
+
+def _move_non_blocks(module: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    if module is blocks:
+        return
+    if any(m is blocks for m in module.modules()):
+        for child in module.children():
+            _move_non_blocks(child, blocks, device)
+        for p in module.parameters(recurse=False):
+            p.data = p.data.to(device)
+        for n, b in module.named_buffers(recurse=False):
+            setattr(module, n, b.to(device))
+    else:
+        module.to(device)
+
+
+def _blocks_name(model: nn.Module, blocks: nn.ModuleList) -> str:
+    return next(n for n, m in model.named_modules() if m is blocks)

@@ -1,0 +1,8 @@
+"""The error types that mean "the user must change something": the CLI prints them as one line."""
+from normquant.data.text import DataError
+from normquant.models.arch import UnsupportedArchitecture
+from normquant.models.loading import ModelLoadError
+from normquant.quant.primitives import QuantError
+from normquant.recipe import RecipeError
+
+USER_ERRORS = (RecipeError, ModelLoadError, DataError, QuantError, UnsupportedArchitecture, FileExistsError)

@@ -1,0 +1,90 @@
+"""Perplexity, with one protocol (GPTQ/AWQ/SmoothQuant/QuaRot papers).
+
+The evaluation text (WikiText-2 raw test rows joined with ``"\\n\\n"``) is tokenized once and cut into
+non-overlapping windows of ``seqlen`` tokens; the tail is dropped. Every window predicts its ``seqlen - 1``
+next tokens; ``ppl = exp(mean NLL over all predicted tokens)``. ``windows=N`` evaluates the first N windows
+only and is labelled so in the record.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean NLL per predicted token
+    windows: int
+    windows_total: int
+    seqlen: int
+    tokens: int  # predicted tokens
+    seconds: float
+    tokens_per_s: float
+    peak_memory_mb: float
+    device: str
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cut_windows(input_ids: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """``[1, n]`` -> ``[n // seqlen, seqlen]`` non-overlapping windows, tail dropped."""
+    n = input_ids.numel() // seqlen
+    if n == 0:
+        raise ValueError(f"evaluation text has {input_ids.numel()} tokens, fewer than one window of {seqlen}")
+    return input_ids.reshape(-1)[: n * seqlen].reshape(n, seqlen)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(p.device for p in model.parameters())
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
+    except ImportError:  # pragma: no cover
+        return float("nan")
+
+
+@torch.no_grad()
+def evaluate_perplexity(model, input_ids: torch.Tensor, *, seqlen: int = 2048, windows: int | None = None,
+                        batch_size: int = 1, progress: bool = True) -> PerplexityResult:
+    """Perplexity of ``model`` on ``input_ids`` ``[1, n]`` under the protocol above."""
+    all_windows = cut_windows(input_ids, seqlen)  # [n_windows, seqlen]
+    total = all_windows.shape[0]
+    use = all_windows[: min(windows, total)] if windows else all_windows
+    device = model_device(model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    nll_sum, count = 0.0, 0
+    start = time.perf_counter()
+    bar = tqdm(total=use.shape[0], desc="perplexity", unit="win", disable=not progress, leave=False)
+    for i in range(0, use.shape[0], batch_size):
+        batch = use[i:i + batch_size].to(device)  # [b, seqlen]
+        logits = model(input_ids=batch, use_cache=False).logits  # [b, seqlen, vocab]
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
+                              reduction="sum")
+        if not torch.isfinite(nll):
+            raise FloatingPointError(f"non-finite loss in window {i}; the quantized model diverged")
+        nll_sum += nll.item()
+        count += batch[:, 1:].numel()
+        bar.update(batch.shape[0])
+        bar.set_postfix(ppl=f"{math.exp(nll_sum / count):.3f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    mean = nll_sum / count
+    return PerplexityResult(ppl=math.exp(mean), nll=mean, windows=use.shape[0], windows_total=total, seqlen=seqlen,
+                            tokens=count, seconds=seconds, tokens_per_s=use.numel() / seconds,
+                            peak_memory_mb=_peak_memory_mb(device), device=str(device),
+                            dtype=str(next(model.parameters()).dtype).replace("torch.", ""))

@@ -1,0 +1,57 @@
+"""Result records: every number goes out with its protocol and provenance."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from normquant import __version__
+
+
+def git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    return {"normquant": __version__, "git_commit": git_commit(), "torch": torch.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def perplexity_record(model_name: str, dataset: str, split: str, result, **extra) -> dict:
+    """One perplexity measurement with its protocol (dataset, split, seqlen, windows used / total)."""
+    subset = result.windows < result.windows_total
+    return {"model": model_name, "dataset": dataset, "split": split,
+            "protocol": f"{dataset}/{split}, rows joined per GPTQ protocol, non-overlapping {result.seqlen}-token "
+                        f"windows, {'first ' + str(result.windows) + ' of ' if subset else 'all '}"
+                        f"{result.windows_total} windows",
+            **result.to_dict(), **extra}
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    """Write JSON atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
