@@ -18,7 +18,7 @@ from tqdm import tqdm
 from normquant.calibration.runner import BlockContext, run_blocks
 from normquant.models.arch import get_architecture, get_blocks
 from normquant.quant.linear import QuantLinear
-from normquant.recipe import Recipe, Scheme
+from normquant.recipe import Recipe, RecipeError, Scheme
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,13 @@ def quantize(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor | None = 
     if not recipe.needs_data:
         qls = wrap_linears(model, scheme)
         if not qls:
-            raise ValueError("the scheme's targets match no Linear module; check scheme.targets / scheme.ignore")
+            raise RecipeError("the scheme's targets match no Linear module; check scheme.targets / scheme.ignore")
         for ql in tqdm(qls.values(), desc="rtn", disable=not progress, leave=False):
             ql.quantize_weight()
         set_activation_quant(qls.values(), True)
         return model
     if calib_ids is None:
-        raise ValueError("this recipe needs calibration data (a step or a static activation quantizer)")
+        raise RecipeError("this recipe needs calibration data (a step or a static activation quantizer)")
     arch = get_architecture(model)
     blocks = get_blocks(model, arch)
     bar = tqdm(total=len(blocks), desc="blocks", disable=not progress, leave=False)

@@ -97,10 +97,10 @@ class Override(_Strict):
 
 
 class Scheme(_Strict):
-    """Which linears are quantized and how. Patterns: a class name (``Linear``), a module name or name suffix
+    """Which linears are quantized and how. Patterns: a class name (``Linear``, GPT-2 ``Conv1D``), a module name or name suffix
     (``lm_head``, ``down_proj``), or a regular expression prefixed ``re:`` (searched in the full name)."""
 
-    targets: list[str] = ["Linear"]
+    targets: list[str] = ["Linear", "Conv1D"]
     ignore: list[str] = ["lm_head"]
     weights: QuantSpec | None = None
     input_activations: QuantSpec | None = None

@@ -29,7 +29,7 @@ class BlockContext:
     """What a step sees of one block.
 
     ``inputs``: ``[N, L, C]`` hidden states entering the block (quantized path, on ``store_device``);
-    ``kwargs``: the block's other call arguments (position embeddings, masks), shared by all samples.
+    ``args`` / ``kwargs``: the block's other call arguments (masks, position embeddings), shared by all samples.
     """
 
     index: int
@@ -38,6 +38,7 @@ class BlockContext:
     arch: Architecture
     model: nn.Module
     inputs: torch.Tensor
+    args: tuple
     kwargs: dict
     device: torch.device
     batch_size: int = 8
@@ -45,7 +46,7 @@ class BlockContext:
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Run the block on hidden states ``[b, L, C]`` (moved to the compute device)."""
-        out = self.block(hidden.to(self.device), **self.kwargs)
+        out = self.block(hidden.to(self.device), *self.args, **self.kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def batches(self) -> Iterator[torch.Tensor]:
@@ -61,27 +62,32 @@ class BlockContext:
         self.inputs = self.outputs()
 
 
-def _move_kwargs(kwargs: dict, device: torch.device) -> dict:
-    def mv(v):
-        if isinstance(v, torch.Tensor):
-            return v.to(device)
-        if isinstance(v, tuple):
-            return tuple(mv(x) for x in v)
-        return v
-
-    return {k: mv(v) for k, v in kwargs.items()}
+def _move(v, device: torch.device):
+    """Tensors (also inside tuples and dicts) moved to ``device``."""
+    if isinstance(v, torch.Tensor):
+        return v.to(device)
+    if isinstance(v, tuple):
+        return tuple(_move(x, device) for x in v)
+    if isinstance(v, dict):
+        return {k: _move(x, device) for k, x in v.items()}
+    return v
 
 
 @torch.no_grad()
 def capture_block0_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, device: torch.device,
-                          batch_size: int) -> tuple[torch.Tensor, dict]:
-    """Run the model up to block 0 and return its inputs ``[N, L, C]`` (CPU) and call kwargs."""
+                          batch_size: int) -> tuple[torch.Tensor, tuple, dict]:
+    """Run the model up to block 0; return its inputs ``[N, L, C]`` (CPU) and the other call args and kwargs.
+
+    Some blocks take masks positionally (GPT-2), so positional arguments are kept as well.
+    """
     hidden: list[torch.Tensor] = []
     kwargs: dict = {}
+    extra: list[tuple] = [()]
 
     def hook(_module, args, kw):
         x = args[0] if args else kw.pop("hidden_states")
         hidden.append(x.detach().cpu())
+        extra[0] = tuple(args[1:])
         kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
         raise _StopForward
 
@@ -95,7 +101,7 @@ def capture_block0_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: to
     finally:
         handle.remove()
     kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "use_cache")}
-    return torch.cat(hidden), kwargs
+    return torch.cat(hidden), extra[0], kwargs
 
 
 def _offloaded(model: nn.Module) -> bool:
@@ -117,14 +123,15 @@ def run_blocks(model: nn.Module, input_ids: torch.Tensor, *, device: str | torch
         model.cpu()
         for name, child in model.named_children():
             _move_non_blocks(child, blocks, device)
-    inputs, kwargs = capture_block0_inputs(model, blocks, input_ids, device if not offloaded else
+    inputs, args, kwargs = capture_block0_inputs(model, blocks, input_ids, device if not offloaded else
                                            next(model.parameters()).device, batch_size)
     prefix = _blocks_name(model, blocks)
     for i, block in enumerate(blocks):
         dev = device if not offloaded else next(block.parameters()).device
         if not offloaded:
             block.to(dev)
-        ctx = BlockContext(i, f"{prefix}.{i}", block, arch, model, inputs, _move_kwargs(kwargs, dev), dev, batch_size)
+        ctx = BlockContext(i, f"{prefix}.{i}", block, arch, model, inputs, _move(args, dev), _move(kwargs, dev), dev,
+                           batch_size)
         yield ctx
         inputs = ctx.inputs
         if not offloaded:

@@ -1,0 +1,96 @@
+"""Quantization primitives against a naive per-row reference, plus property tests."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from normquant.quant.primitives import (QuantError, choose_qparams, dequantize, fake_quantize, fake_quantize_dynamic,
+                                        pack_int4, quantize, unpack_int4)
+from normquant.quant.spec import QuantSpec
+
+
+def naive_rows(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Textbook uniform quantizer, one row at a time, in float64 Python scalars."""
+    out = torch.empty_like(rows, dtype=torch.float64)
+    for i, r in enumerate(rows.double()):
+        lo, hi = min(r.min().item(), 0.0), max(r.max().item(), 0.0)
+        if spec.symmetric:
+            s = max(abs(lo), hi) / (2 ** (spec.bits - 1) - 1)
+            z, qmin, qmax = 0.0, -(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1
+        else:
+            s = (hi - lo) / (2 ** spec.bits - 1)
+            qmin, qmax = 0, 2 ** spec.bits - 1
+            z = min(max(round(-lo / s), qmin), qmax)
+        for j, v in enumerate(r.tolist()):
+            q = min(max(round(v / s) + z, qmin), qmax)
+            out[i, j] = s * (q - z)
+    return out
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_weight_granularities_match_naive(bits, symmetric):
+    torch.manual_seed(bits)
+    w = torch.randn(6, 32, dtype=torch.float64) * torch.rand(6, 1, dtype=torch.float64) * 3
+    cases = {
+        "channel": (QuantSpec(bits=bits, symmetric=symmetric, granularity="channel"), w),
+        "group": (QuantSpec(bits=bits, symmetric=symmetric, granularity="group", group_size=8), w.reshape(-1, 8)),
+        "tensor": (QuantSpec(bits=bits, symmetric=symmetric, granularity="tensor"), w.reshape(1, -1)),
+    }
+    for name, (spec, rows) in cases.items():
+        s, z = choose_qparams(w, spec)
+        got = fake_quantize(w, s, z, spec)
+        want = naive_rows(rows, spec).reshape(w.shape)
+        # torch.round and Python round both round half to even; measured max diff 0.0 (float64)
+        assert torch.allclose(got, want, atol=1e-12, rtol=0), name
+
+
+def test_activation_per_channel_and_token():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    spec_c = QuantSpec(bits=8, symmetric=False, granularity="channel")
+    s, z = choose_qparams(x, spec_c, channel_axis=-1)
+    assert s.shape == (12, 1)
+    want = naive_rows(x.reshape(-1, 12).t(), spec_c).t().reshape(x.shape)
+    assert torch.allclose(fake_quantize(x, s, z, spec_c, channel_axis=-1), want, atol=1e-12, rtol=0)
+    spec_t = QuantSpec(bits=8, granularity="token", dynamic=True)
+    want = naive_rows(x.reshape(-1, 12), spec_t).reshape(x.shape)
+    assert torch.allclose(fake_quantize_dynamic(x, spec_t), want, atol=1e-12, rtol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(2, 8), symmetric=st.booleans(), seed=st.integers(0, 2**16),
+       scale=st.floats(1e-3, 1e3))
+def test_round_trip_within_half_step(bits, symmetric, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(4, 16, generator=g, dtype=torch.float64) * scale
+    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="channel")
+    s, z = choose_qparams(w, spec)
+    q = quantize(w, s, z, spec)
+    assert int(q.min()) >= spec.qmin and int(q.max()) <= spec.qmax
+    w_hat = dequantize(q, s, z, spec).double()
+    lo, hi = s * (spec.qmin - z), s * (spec.qmax - z)  # the clip range, per row
+    inside = (w >= lo) & (w <= hi)
+    err = (w_hat - w).abs()
+    # inside the clip range every value is within half a step (plus float rounding of s*(q-z))
+    assert bool((err <= s / 2 * (1 + 1e-9) + 1e-12)[inside].all())
+
+
+def test_int4_pack_round_trip():
+    q = torch.randint(-8, 8, (5, 64), dtype=torch.int8)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.int32 and packed.shape == (5, 8)
+    assert torch.equal(unpack_int4(packed, 64), q)
+
+
+def test_group_size_that_does_not_divide_is_an_error():
+    spec = QuantSpec(bits=4, granularity="group", group_size=128)
+    with pytest.raises(QuantError, match="group_size 128 does not divide the last dimension 576.*e.g. 96"):
+        choose_qparams(torch.randn(8, 576), spec)
+
+
+def test_spec_validation():
+    for bad in ({"bits": 0}, {"bits": 3.5}, {"bits": 9}, {"bits": 4, "granularity": "group"},
+                {"bits": 4, "group_size": 64}, {"bits": 4, "colour": 1}):
+        with pytest.raises(ValueError):
+            QuantSpec(**bad)
