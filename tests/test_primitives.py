@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from normquant.quant.primitives import (QuantError, choose_qparams, dequantize, fake_quantize, fake_quantize_dynamic,
-                                        pack_int4, quantize, unpack_int4)
+                                        quantize)
 from normquant.quant.spec import QuantSpec
 
 
@@ -74,13 +74,6 @@ def test_round_trip_within_half_step(bits, symmetric, seed, scale):
     err = (w_hat - w).abs()
     # inside the clip range every value is within half a step (plus float rounding of s*(q-z))
     assert bool((err <= s / 2 * (1 + 1e-9) + 1e-12)[inside].all())
-
-
-def test_int4_pack_round_trip():
-    q = torch.randint(-8, 8, (5, 64), dtype=torch.int8)
-    packed = pack_int4(q)
-    assert packed.dtype == torch.int32 and packed.shape == (5, 8)
-    assert torch.equal(unpack_int4(packed, 64), q)
 
 
 def test_group_size_that_does_not_divide_is_an_error():

@@ -13,7 +13,6 @@ short name         pip install                     what
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -116,9 +115,9 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype = "float32", devic
             f"model '{name_or_path}' is not a packaged model ({', '.join(PACKAGED)}), a local folder, a .gguf file "
             "or a hub id of the form owner/name"
         )
-    if path.is_dir() and _is_compressed_tensors(path):
-        from normquant.export import load_quantized
+    from normquant.export import is_normquant_export, load_quantized
 
+    if path.is_dir() and is_normquant_export(path):
         return load_quantized(path, dtype=torch_dtype, device=device if device != "auto" else "cpu")
     kwargs = {"dtype": torch_dtype}
     if device == "auto":
@@ -141,14 +140,6 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype = "float32", devic
         model.to(device)
     model.eval()
     return model, tok
-
-
-def _is_compressed_tensors(path: Path) -> bool:
-    config = path / "config.json"
-    if not config.is_file():
-        return False
-    qc = json.loads(config.read_text()).get("quantization_config") or {}
-    return qc.get("quant_method") == "compressed-tensors"
 
 
 def _auto_class(src: str, gguf_file: str | None) -> str:

@@ -1,4 +1,4 @@
-"""Pure quantization primitives: qparams, quantize, dequantize, fake-quantize, int4 packing.
+"""Pure quantization primitives: qparams, quantize, dequantize, fake-quantize.
 
 Every function works on a *reduction view* of the tensor: a 2-D view ``[n, k]`` whose rows each get one
 ``(scale, zero_point)`` pair, computed over the last dimension ``k``:
@@ -123,24 +123,3 @@ def fake_quantize_dynamic(x: torch.Tensor, spec: QuantSpec, channel_axis: int = 
     with torch.no_grad():
         scale, zero = qparams_from_range(xv.amin(dim=1, keepdim=True), xv.amax(dim=1, keepdim=True), spec)
     return restore(scale * (quantize_view(xv, scale, zero, spec) - zero)).to(x.dtype)
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Pack signed int4 codes ``[rows, cols]`` into int32 ``[rows, cols/8]``, 8 nibbles per word, low nibble first.
-
-    Codes are stored offset by +8 (``[-8, 7] -> [0, 15]``), the compressed-tensors ``pack-quantized`` layout.
-    """
-    rows, cols = q.shape
-    if cols % 8:
-        raise QuantError(f"int4 packing needs a column count divisible by 8, got {cols}")
-    u = (q.to(torch.int32) + 8).reshape(rows, cols // 8, 8)  # [rows, cols] -> [rows, cols/8, 8]
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    packed = (u << shifts).sum(dim=-1, dtype=torch.int64)  # up to 2^32 - 1
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-
-
-def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: int32 ``[rows, cols/8]`` -> int8 codes ``[rows, cols]``."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    u = (packed.unsqueeze(-1) >> shifts) & 0xF  # [rows, cols/8, 8]
-    return (u.reshape(packed.shape[0], -1)[:, :cols] - 8).to(torch.int8)
