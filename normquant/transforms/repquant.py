@@ -1,0 +1,366 @@
+"""RepQuant / RepQ-ViT: per-channel quantization of norm outputs, reparameterized into one per-tensor quantizer.
+
+Math (METHODS §1.2–1.4), names as in the paper. For a norm output ``X [T, C]`` with per-channel scales
+``s [C]`` and integer zero points ``z [C]``:
+
+    s̃ = mean(s),  z̃ = round(mean(z)),  r1 = s / s̃,  r2 = z − z̃
+    norm:      γ' = γ / r1,  β' = β / r1 + s̃·r2              (so X' = X / r1 + s̃·r2)
+    consumer:  W' = W·diag(r1),  b' = b − W (s ⊙ r2)          (original W)
+    quantizer: clamp(round(X'/s̃) + z̃, 0, 2^b−1) == clamp(round(X/s_c) + z_c, 0, 2^b−1)   (z̃ integer)
+
+RMSNorm has no β: symmetric qparams give ``z = 0``, hence ``r2 = 0`` and only γ and W change (option A);
+asymmetric ones wrap the norm in :class:`~normquant.transforms.fold.RMSNormWithBias` and give every consumer a
+bias (option B). Gemma's γ is ``1 + w``. Only pre-LN models qualify: in a post-LN model (BERT) the norm
+output also feeds the residual stream, which the fold cannot compensate.
+
+Per block of the block-sequential runner (``ctx`` a :class:`~normquant.calibration.runner.BlockContext`),
+before any weight quantization of the block::
+
+    maps = block_mappings(ctx.model, ctx.index)                      # full paths: norm -> consumers
+    with observe_modules(ctx.model, {m.norm: make_observer("percentile", size=65536) for m in maps},
+                         where="output") as obs, torch.no_grad():
+        targets = [ctx.forward(x) for x in ctx.batches()]           # float block outputs
+    init = {m.norm: percentile_init(obs[m.norm][0].compute()["sample"], bits, symmetric=sym) for m in maps}
+    if learn:                                                        # optional dual clipping
+        norms = {m.norm: ctx.model.get_submodule(m.norm) for m in maps}
+        init = learn_dual_clipping(ctx.forward, norms, list(ctx.batches()), targets, init, bits,
+                                   symmetric=sym).bounds
+    reps = reparameterize_block(ctx.model, ctx.index,
+                                {n: channel_qparams(lo, hi, bits, sym) for n, (lo, hi) in init.items()})
+    for m in maps:                                                   # consumers wrapped as QuantLinear
+        install_input_quantizers([ctx.model.get_submodule(c) for c in m.consumers],
+                                 reps[m.norm].s_tilde, reps[m.norm].z_tilde, bits, sym)
+    # then quantize the (reparameterized) weights: RTN / GPTQ, and ctx.advance()
+
+``sym=True`` is option A (RMSNorm stays an HF RMSNorm); ``sym=False`` on an RMSNorm model is option B.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normquant.models.arch import block_mappings, get_architecture
+from normquant.quant.linear import ActivationQuantizer, QuantLinear
+from normquant.quant.primitives import QuantError, check_finite, fake_quantize, round_ste
+from normquant.quant.spec import QuantSpec
+from normquant.transforms.fold import (
+    FoldError,
+    add_consumer_bias,
+    add_norm_bias,
+    consumer_input_response,
+    scale_consumer_inputs,
+    scale_norm_output,
+)
+
+Bounds = tuple[torch.Tensor, torch.Tensor]  # (lower [C], upper [C])
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-channel quantizer: qparams, fake-quant, percentile initialization
+
+
+def channel_qparams(lower: torch.Tensor, upper: torch.Tensor, bits: int,
+                    symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(s [C], z [C])`` from clipping bounds ``[lower, upper]`` (each ``[C]``).
+
+    asymmetric: ``s = (u − l)/(2^b − 1)``, ``z = round(−l/s)`` (integer; the range need not contain 0);
+    symmetric:  ``s = max(|l|, |u|)/(2^(b−1) − 1)``, ``z = 0``.
+    Differentiable w.r.t. the bounds (straight-through rounding). A channel whose range is empty
+    (``u − l`` below 1e-8) is widened to contain 0, so ``s`` stays positive and ``z`` bounded.
+    """
+    tiny = 1e-8
+    if symmetric:
+        s = torch.maximum(lower.abs(), upper.abs()).clamp(min=tiny) / (2 ** (bits - 1) - 1)
+        return s, torch.zeros_like(s)
+    empty = (upper - lower) < tiny
+    lower = torch.where(empty, lower.clamp(max=0), lower)
+    upper = torch.where(empty, upper.clamp(min=0), upper)
+    s = ((upper - lower) / (2**bits - 1)).clamp(min=tiny)
+    return s, round_ste(-lower / s)
+
+
+def fake_quantize_channels(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int,
+                           symmetric: bool = False) -> torch.Tensor:
+    """Per-channel fake-quant of ``x [..., C]`` with ``s, z [C]`` (straight-through, differentiable in s, z)."""
+    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="channel")
+    return fake_quantize(x, s.to(x.dtype)[:, None], z.to(x.dtype)[:, None], spec, channel_axis=-1)
+
+
+@torch.no_grad()
+def percentile_init(x: torch.Tensor, bits: int, percentiles: Sequence[float] = (0.999, 0.9999, 0.99999),
+                    symmetric: bool = False, chunk_elements: int = 2**24) -> Bounds:
+    """RepQ-ViT initialization: per channel, the percentile clip with the lowest fake-quant MSE.
+
+    ``x [T, C]`` (or ``[..., C]``): samples of one norm output. For each ``p``, the candidate is
+    ``l = quantile(x_c, 1 − p)``, ``u = quantile(x_c, p)`` (``torch.quantile``'s linear interpolation;
+    symmetric: ``±max(|l|, |u|)``); each channel keeps the candidate whose fake-quantized values are closest
+    (MSE) to ``x_c``. Returns ``(lower [C], upper [C])`` in float32. Works on chunks of channels of about
+    ``chunk_elements`` values and only partially sorts (top-k): T = 1e5, C = 576 takes ~4 s on one CPU core.
+    """
+    x = x.detach().reshape(-1, x.shape[-1])  # [T, C]
+    check_finite(x, "percentile_init input")
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n_tokens, n_p = x.shape[0], len(percentiles)
+    p = torch.tensor(percentiles, dtype=torch.float64)
+    if not ((p > 0.5) & (p <= 1)).all():
+        raise ValueError(f"percentiles must lie in (0.5, 1], got {tuple(percentiles)}")
+    pos = (1 - p) * (n_tokens - 1)  # [P], distance of each quantile from the sorted ends
+    k = min(n_tokens, int(pos.max().floor()) + 2)
+    lowers, uppers = [], []
+    width = max(1, chunk_elements // n_tokens)
+    for c0 in range(0, x.shape[1], width):
+        xc = x[:, c0:c0 + width].to(dtype).t().contiguous()  # [T, w] -> [w, T]
+        lower = _interpolate_sorted(torch.topk(xc, k, dim=1, largest=False).values, pos)  # [P, w]
+        upper = _interpolate_sorted(torch.topk(xc, k, dim=1).values, pos)  # [P, w]
+        if symmetric:
+            upper = torch.maximum(lower.abs(), upper.abs())
+            lower = -upper
+        mse = torch.stack([_channel_mse(xc, *channel_qparams(lower[i], upper[i], bits, symmetric), bits, symmetric)
+                           for i in range(n_p)])  # [P, w]
+        best = mse.argmin(dim=0, keepdim=True)  # [1, w]
+        lowers.append(lower.gather(0, best)[0])
+        uppers.append(upper.gather(0, best)[0])
+    return torch.cat(lowers).float(), torch.cat(uppers).float()
+
+
+def _interpolate_sorted(ends: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Values at fractional positions ``pos [P]`` of rows sorted from one end, ``ends [w, k]`` -> ``[P, w]``."""
+    lo, frac = pos.floor().long(), (pos - pos.floor()).to(ends.dtype).to(ends.device)
+    a, b = ends[:, lo], ends[:, (lo + 1).clamp(max=ends.shape[1] - 1)]  # [w, P]
+    return (a + (b - a) * frac).t()
+
+
+def _channel_mse(xc: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Per-row fake-quant MSE ``[w]`` of ``xc [w, T]`` (same grid as :func:`fake_quantize_channels`)."""
+    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="channel")
+    s, z = s[:, None], z[:, None]
+    err = torch.div(xc, s).round_().add_(z).clamp_(spec.qmin, spec.qmax).sub_(z).mul_(s).sub_(xc)
+    return err.square_().mean(dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reparameterization
+
+
+class Reparameterization(NamedTuple):
+    """The layer-wise quantizer ``(s_tilde, z_tilde)`` (0-d) and the per-channel factors ``r1, r2 [C]``."""
+
+    s_tilde: torch.Tensor
+    z_tilde: torch.Tensor
+    r1: torch.Tensor
+    r2: torch.Tensor
+
+
+def reparameterize(s: torch.Tensor, z: torch.Tensor) -> Reparameterization:
+    """``s̃ = mean(s)``, ``z̃ = round(mean(z))`` (integer: required for exactness), ``r1 = s/s̃``, ``r2 = z − z̃``.
+
+    ``s, z [C]``; computed in float64.
+    """
+    s, z = s.detach().double(), z.detach().double()
+    if not torch.equal(z, torch.round(z)):
+        raise QuantError("per-channel zero points must be integers (use channel_qparams)")
+    s_tilde, z_tilde = s.mean(), torch.round(z.mean())
+    return Reparameterization(s_tilde, z_tilde, s / s_tilde, z - z_tilde)
+
+
+def apply_reparameterization(norm: nn.Module, norm_kind: str, consumers: Iterable[nn.Module],
+                             rep: Reparameterization) -> nn.Module:
+    """Fold ``rep`` into a norm and all the linears reading its output (in place, float64, cast back).
+
+    Returns the module to use in the norm's place: ``norm`` itself, or an ``RMSNormWithBias`` wrapping it
+    when an RMSNorm needs the β ``s̃·r2`` (``r2 ≠ 0``, option B); the caller installs it in the parent.
+    The fold preserves the function for any ``r1 > 0`` and any ``r2``; exactness of the per-tensor
+    quantizer additionally needs an integer ``z̃`` (see :func:`reparameterize`).
+    """
+    r1, r2, s_tilde = rep.r1.double(), rep.r2.double(), rep.s_tilde.double()
+    s = r1 * s_tilde  # [C], the per-channel scales
+    shifted = bool((r2 != 0).any())
+    consumers = list(consumers)
+    for linear in consumers:
+        if shifted:
+            add_consumer_bias(linear, -consumer_input_response(linear, s * r2))  # b' = b − W (s ⊙ r2), original W
+        scale_consumer_inputs(linear, r1)  # W' = W diag(r1)
+    scale_norm_output(norm, norm_kind, r1)  # γ' = γ / r1, β / r1
+    return add_norm_bias(norm, s_tilde * r2) if shifted else norm  # β' = β / r1 + s̃ r2
+
+
+def reparameterize_block(model: nn.Module, index: int,
+                         qparams: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Reparameterization]:
+    """Reparameterize the norms of block ``index`` given their per-channel ``(s [C], z [C])``.
+
+    ``qparams`` is keyed by the full norm paths of :func:`~normquant.models.arch.block_mappings`; norms left
+    out are not touched. Consumers may be ``nn.Linear``, GPT-2 ``Conv1D`` or not-yet-weight-quantized
+    ``QuantLinear``. Returns, per norm path, the :class:`Reparameterization` whose ``(s_tilde, z_tilde)`` is
+    the per-tensor quantizer to install on the consumers (:func:`install_input_quantizers`).
+    """
+    arch = get_architecture(model)
+    if arch.is_post_ln(model.config):
+        raise FoldError(f"{model.config.model_type} is post-LN here: norm outputs also feed the residual stream, "
+                        "so reparameterizing them would change the model")
+    maps = {m.norm: m for m in block_mappings(model, index, arch)}
+    unknown = sorted(set(qparams) - set(maps))
+    if unknown:
+        raise KeyError(f"block {index} has no mapped norm {', '.join(unknown)}; its norms: {', '.join(maps)}")
+    reps = {}
+    for name, (s, z) in qparams.items():
+        reps[name] = rep = reparameterize(s, z)
+        norm = model.get_submodule(name)
+        new = apply_reparameterization(norm, arch.norm_kind, [model.get_submodule(c) for c in maps[name].consumers], rep)
+        if new is not norm:
+            model.set_submodule(name, new)
+    return reps
+
+
+# --------------------------------------------------------------------------------------------------
+# Static activation quantizers on the consumers
+
+
+def static_input_quantizer(scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool = False) -> ActivationQuantizer:
+    """A frozen static ``ActivationQuantizer``: per-tensor for 0-d ``scale``/``zero``, per-channel for ``[C]``.
+
+    Asymmetric: ``clamp(round(x/s) + z, 0, 2^b − 1)``; symmetric: signed grid, ``zero`` must be 0.
+    """
+    if symmetric and bool((zero != 0).any()):
+        raise QuantError("a symmetric quantizer needs zero points of 0; use symmetric=False for (s_tilde, z_tilde) "
+                         "from asymmetric qparams")
+    granularity = "tensor" if scale.dim() == 0 else "channel"
+    quantizer = ActivationQuantizer(QuantSpec(bits=bits, symmetric=symmetric, granularity=granularity))
+    quantizer.scale = scale.detach().reshape(-1, 1).clone()  # [1, 1] or [C, 1]
+    quantizer.zero_point = zero.detach().reshape(-1, 1).to(quantizer.scale.dtype).clone()
+    quantizer.observing = False
+    return quantizer
+
+
+def install_input_quantizers(consumers: Iterable[nn.Module], scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                             symmetric: bool = False) -> None:
+    """Give every consumer ``QuantLinear`` its own frozen static input quantizer (see :func:`static_input_quantizer`).
+
+    After :func:`reparameterize_block`: ``scale, zero = rep.s_tilde, rep.z_tilde`` (per-tensor). For the
+    per-channel simulation on the original model: ``scale, zero = s, z``.
+    """
+    for linear in consumers:
+        if not isinstance(linear, QuantLinear):
+            raise TypeError(f"expected a QuantLinear consumer, got {type(linear).__name__}; wrap it with QuantLinear.wrap first")
+        linear.input_quant = static_input_quantizer(scale, zero, bits, symmetric).to(linear.weight.device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Learned dual clipping (METHODS §1.2, [NQ] defaults)
+
+
+@contextlib.contextmanager
+def fake_quantize_norm_outputs(norms: Mapping[str, nn.Module], bounds: Callable[[str], Bounds], bits: int,
+                               symmetric: bool = False) -> Iterator[None]:
+    """Replace each norm's output by its per-channel fake-quant, with ``bounds(name) -> (lower, upper)``
+    evaluated at every call (so learnable bounds build a fresh graph). Hooks are always removed.
+
+    >>> with fake_quantize_norm_outputs(norms, lambda n: (lower[n], upper[n]), bits=4):  # doctest: +SKIP
+    ...     y = block_forward(x)
+    """
+    def hook_for(name: str) -> Callable:
+        def hook(module, args, out):
+            s, z = channel_qparams(*bounds(name), bits, symmetric)
+            return fake_quantize_channels(out.float(), s, z, bits, symmetric).to(out.dtype)
+        return hook
+
+    handles = []
+    try:
+        for name, norm in norms.items():
+            handles.append(norm.register_forward_hook(hook_for(name)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class ClippingResult:
+    """Learned per-channel bounds per norm; ``losses``: mean block-output MSE at the initial bounds, then the
+    mean training loss of each epoch."""
+
+    bounds: dict[str, Bounds]
+    losses: list[float]
+
+
+def learn_dual_clipping(block_forward: Callable[[torch.Tensor], torch.Tensor], norms: Mapping[str, nn.Module],
+                        inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                        init: Mapping[str, Bounds], bits: int, *, symmetric: bool = False,
+                        lr: float = 5e-3, epochs: int = 20) -> ClippingResult:
+    """Learn per-channel clipping bounds of the norm outputs of one block by block-output MSE.
+
+    * ``block_forward(x) -> y``: runs the block on one stored input (the runner binds attention mask,
+      position embeddings, ...); it may return a tuple, whose first element is used.
+    * ``norms``: the block's norm modules by name; their outputs get a differentiable per-channel
+      fake-quant (forward hooks, removed on return).
+    * ``inputs`` / ``targets``: block inputs (quantized path) and float block outputs, one batch each.
+    * ``init``: ``(lower⁰ [C], upper⁰ [C])`` per norm, e.g. from :func:`percentile_init`.
+
+    Parameterization ``u = u⁰·2σ(θ_u)``, ``l = l⁰·2σ(θ_l)``, ``θ = 0`` at start (symmetric: one bound
+    ``m = max(|l⁰|, |u⁰|)·2σ(θ)``, range ``±m``); straight-through rounding; Adam on θ only (the block's
+    parameters get no gradient). Returns the final bounds (float32) and the loss history.
+    """
+    if len(inputs) != len(targets) or not inputs:
+        raise ValueError(f"need as many targets as inputs (got {len(inputs)} inputs, {len(targets)} targets)")
+    if set(init) != set(norms):
+        raise KeyError(f"init bounds are for {sorted(init)} but the norms are {sorted(norms)}")
+    lower0 = {n: lo.detach().float() for n, (lo, _) in init.items()}
+    upper0 = {n: hi.detach().float() for n, (_, hi) in init.items()}
+    if symmetric:
+        upper0 = {n: torch.maximum(lower0[n].abs(), upper0[n].abs()) for n in init}
+    theta_u = {n: torch.zeros_like(upper0[n], requires_grad=True) for n in init}
+    theta_l = {} if symmetric else {n: torch.zeros_like(lower0[n], requires_grad=True) for n in init}
+    params = [*theta_u.values(), *theta_l.values()]
+
+    def bounds(name: str) -> Bounds:
+        upper = upper0[name] * 2 * torch.sigmoid(theta_u[name])
+        return (-upper, upper) if symmetric else (lower0[name] * 2 * torch.sigmoid(theta_l[name]), upper)
+
+    def loss_on(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = block_forward(x)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return F.mse_loss(out.float(), y.to(out.device).float())
+
+    optimizer = torch.optim.Adam(params, lr=lr)
+    losses = []
+    with fake_quantize_norm_outputs(norms, bounds, bits, symmetric), torch.enable_grad():
+        with torch.no_grad():
+            losses.append(sum(loss_on(x, y).item() for x, y in zip(inputs, targets)) / len(inputs))
+        for _ in range(epochs):
+            total = 0.0
+            for x, y in zip(inputs, targets):
+                loss = loss_on(x, y)
+                for p, g in zip(params, torch.autograd.grad(loss, params)):  # θ only: no .grad on the block
+                    p.grad = g
+                optimizer.step()
+                total += loss.item()
+            losses.append(total / len(inputs))
+    with torch.no_grad():
+        return ClippingResult({n: tuple(b.detach().clone() for b in bounds(n)) for n in norms}, losses)
+
+
+# --------------------------------------------------------------------------------------------------
+# log√2 quantizer for attention probabilities, and its bit-shift (log2) form (METHODS §1.5)
+
+
+def log_sqrt2_quantize(a: torch.Tensor, s: float | torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``q = clamp(round(−2·log2(a/s)), 0, 2^b − 1)`` of probabilities ``a ∈ [0, 1]`` and the mask of
+    entries that dequantize to 0 (``round(−2·log2(a/s)) ≥ 2^b``, including ``a = 0``)."""
+    q_raw = torch.round(-2 * torch.log2(a / s))  # a = 0 -> +inf
+    return q_raw.clamp(0, 2**bits - 1), q_raw >= 2**bits
+
+
+def log_sqrt2_dequantize(q: torch.Tensor, is_zero: torch.Tensor, s: float | torch.Tensor) -> torch.Tensor:
+    """``â = s·2^(−q/2)`` (``√2``-spaced levels), 0 where ``is_zero``."""
+    return torch.where(is_zero, 0.0, s * torch.exp2(-q / 2))
+
+
+def log2_shift_dequantize(q: torch.Tensor, is_zero: torch.Tensor, s: float | torch.Tensor) -> torch.Tensor:
+    """The same values as a log2 (bit-shift) quantizer with a parity-dependent scale:
+    ``â = s·2^(−⌈q/2⌉)·(1 + [q odd]·(√2 − 1))``, so ``â·v`` is ``v >> ⌈q/2⌉`` times ``s`` or ``√2·s``."""
+    parity_scale = 1 + (q % 2) * (2**0.5 - 1)
+    return torch.where(is_zero, 0.0, s * torch.exp2(-torch.ceil(q / 2)) * parity_scale)
