@@ -1,4 +1,4 @@
-"""Command line: ``normquant run | eval | export | sensitivity``.
+"""Command line: ``normquant run | eval | export | sensitivity | inspect``.
 
 Every user error ends in one line ``normquant: error: ...`` and exit status 2.
 """
@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   normquant eval --model out/w4/model --data-dir ../shared/data --windows 16 --json
   normquant export recipes/w8a16_rtn.yaml --output exports/smollm2-w8
   normquant sensitivity recipes/w8a8_rtn.yaml --data-dir ../shared/data --windows 4
+  normquant inspect smollm2-135m --data-dir ../shared/data --output eval/inspect_smollm2
 
 models: a packaged short name (smollm2-135m, minilm-l6), a local folder, a .gguf file, a hub id (owner/name)
         or a normquant export. Data: --data-dir (or $NORMQUANT_DATA_DIR) for offline copies, else `datasets`.
@@ -62,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("recipe", help="recipe whose weight/activation specs are tried one module kind at a time")
     _add_common(se)
     se.add_argument("--output", help="JSON report path (default out/sensitivity-<recipe>.json)")
+    ins = sub.add_parser("inspect", help="per-channel activation ranges at every norm boundary: PNG + JSON")
+    ins.add_argument("model", help="model name/path")
+    ins.add_argument("--samples", type=int, default=8, help="calibration segments (default 8)")
+    ins.add_argument("--seqlen", type=int, default=512, help="tokens per segment (default 512)")
+    ins.add_argument("--threshold", type=float, default=6.0, help="outlier threshold on |x| (default 6)")
+    ins.add_argument("--data-dir", help="folder with offline copies (c4 parquet)")
+    ins.add_argument("--device", default="cpu")
+    ins.add_argument("--output", default="out/inspect", help="folder for inspect.png and inspect.json")
     return parser
 
 
@@ -203,7 +212,29 @@ def cmd_sensitivity(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "export": cmd_export, "sensitivity": cmd_sensitivity}
+def cmd_inspect(args) -> int:
+    from normquant.data.text import calibration_samples
+    from normquant.evaluation.inspect import inspect_activations, plot_report
+    from normquant.evaluation.records import environment, write_json
+    from normquant.models.loading import load_model
+
+    model, tok = load_model(args.model, device=args.device)
+    calib = calibration_samples(tok, "c4", "validation", n=args.samples, seqlen=args.seqlen, seed=0,
+                                data_dir=args.data_dir)
+    report = {"model": args.model, "calibration": "c4/validation seed 0",
+              **inspect_activations(model, calib, threshold=args.threshold), "environment": environment()}
+    out = Path(args.output)
+    write_json(out / "inspect.json", report)
+    png = plot_report(report, out / "inspect.png", title=f"{args.model}: norm-output ranges")
+    for kind, s in report["summary"].items():
+        print(f"{kind}: outliers (|x| > {args.threshold:g}) in {s['layers_with_outliers']}/{s['layers']} layers; "
+              f"persistent channels (>= 25% of layers): {s['persistent_channels'][:10]}")
+    print(f"plot: {png}\nreport: {out / 'inspect.json'}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "export": cmd_export, "sensitivity": cmd_sensitivity,
+            "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,7 +55,8 @@ def set_activation_quant(qls, enabled: bool) -> None:
 @torch.no_grad()
 def calibrate_static_activations(qls: list[QuantLinear], run) -> None:
     """Observe min/max of static input quantizers while ``run()`` feeds data, then freeze them."""
-    static = [ql.input_quant for ql in qls if ql.input_quant is not None and not ql.input_quant.spec.dynamic]
+    static = [ql.input_quant for ql in qls if ql.input_quant is not None and not ql.input_quant.spec.dynamic
+              and ql.input_quant.scale is None]  # those a step (RepQuant) set stay as they are
     if not static:
         return
     for q in static:

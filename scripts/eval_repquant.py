@@ -1,0 +1,125 @@
+"""RepQuant on SmolLM2: naive static per-tensor vs per-channel vs RepQuant vs dynamic per-token, per bit setting.
+
+    python scripts/eval_repquant.py --data-dir ../shared/data --windows 16 --bits w8a8 w6a6 w4a8 \
+        --calib-samples 16 --calib-seqlen 1024 --epochs 5 --out eval/repquant_smollm2
+
+Rows (every linear's input activations quantized, lm_head float; weights RTN symmetric per output channel;
+one calibration set for every row):
+  naive-static        static per-tensor asymmetric, min-max calibrated
+  per-channel-sim     consumers of each norm: static per-channel (RepQuant's learned bounds) on the unchanged
+                      model; other linears as naive
+  repquant            learned dual clipping, reparameterized into the norms -> static per-tensor (s̃, integer z̃)
+  repquant-pct        percentile initialization only (no learning), reparameterized
+  dynamic-token       dynamic per-token symmetric (reference; not a static quantizer)
+Also an exactness check with float weights: the reparameterized per-tensor model vs its per-channel simulation.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from normquant.data.text import calibration_samples, tokenize_eval
+from normquant.evaluation.perplexity import evaluate_perplexity
+from normquant.evaluation.records import environment, perplexity_record, write_json
+from normquant.models.loading import load_model
+from normquant.quantize import quantize
+from normquant.recipe import parse_recipe
+
+BITS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8)}
+
+
+def recipe(row: str, wbits: int | None, abits: int, calib: dict, epochs: int, lr: float):
+    static = {"bits": abits, "symmetric": False, "granularity": "tensor"}
+    acts = {"bits": abits, "symmetric": True, "granularity": "token", "dynamic": True} if row == "dynamic-token" \
+        else static
+    steps = {
+        "naive-static": [],
+        "dynamic-token": [],
+        "per-channel-sim": [{"repquant": {"mode": "per_channel", "epochs": epochs, "lr": lr}}],
+        "repquant": [{"repquant": {"mode": "reparameterize", "epochs": epochs, "lr": lr}}],
+        "repquant-pct": [{"repquant": {"mode": "reparameterize", "learn_clipping": False}}],
+        "per-channel-pct": [{"repquant": {"mode": "per_channel", "learn_clipping": False}}],
+    }[row]
+    scheme = {"ignore": ["lm_head"], "input_activations": acts}
+    if wbits:
+        scheme["weights"] = {"bits": wbits, "symmetric": True, "granularity": "channel"}
+    return parse_recipe({"name": row, "scheme": scheme, "steps": steps, "calibration": calib})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir")
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--bits", nargs="+", default=list(BITS))
+    ap.add_argument("--rows", nargs="+", default=["naive-static", "per-channel-sim", "repquant", "repquant-pct",
+                                                   "dynamic-token"])
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-seqlen", type=int, default=1024)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--out", default="eval/repquant_smollm2")
+    args = ap.parse_args()
+    model, tok = load_model("smollm2-135m")
+    ids = tokenize_eval(tok, "wikitext2", "test", args.data_dir)
+    calib_cfg = {"samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": 0, "batch_size": 4}
+    calib = calibration_samples(tok, "c4", "validation", n=args.calib_samples, seqlen=args.calib_seqlen, seed=0,
+                                data_dir=args.data_dir)
+    out = {"model": "smollm2-135m", "environment": environment(), "calibration": {"dataset": "c4/validation",
+           **calib_cfg}, "clipping": {"epochs": args.epochs, "lr": args.lr}, "rows": [], "exactness": None}
+    fl = evaluate_perplexity(model, ids, seqlen=2048, windows=args.windows)
+    out["float"] = perplexity_record("smollm2-135m", "wikitext2", "test", fl)
+    print(f"float {fl.ppl:.3f}")
+
+    # exactness: float weights, A6, percentile bounds: reparameterized per-tensor vs per-channel simulation
+    probe = ids[:, :2048]
+    logits = {}
+    for row in ("per-channel-pct", "repquant-pct"):
+        m = quantize(copy.deepcopy(model), recipe(row, None, 6, calib_cfg, 0, args.lr), calib, progress=False)
+        with torch.no_grad():
+            logits[row] = m(probe).logits
+    diff = (logits["per-channel-pct"] - logits["repquant-pct"]).abs().max().item()
+    out["exactness"] = {"what": "A6 (float weights), percentile bounds: max |logit difference| between the "
+                                "reparameterized per-tensor model and the per-channel simulation, first 2048 tokens",
+                        "max_abs_logit_diff": diff, "logit_scale": logits["repquant-pct"].abs().max().item()}
+    print(f"exactness: max |Δlogit| = {diff:.3e}")
+
+    for bits in args.bits:
+        wb, ab = BITS[bits]
+        for row in args.rows:
+            r = recipe(row, wb, ab, calib_cfg, args.epochs, args.lr)
+            t0 = time.perf_counter()
+            m = quantize(copy.deepcopy(model), r, calib, progress=False)
+            seconds = time.perf_counter() - t0
+            res = evaluate_perplexity(m, ids, seqlen=2048, windows=args.windows)
+            out["rows"].append({"bits": bits, "row": row, "ppl": res.ppl, "quantize_seconds": seconds,
+                                "recipe": r.to_dict(), "record": perplexity_record("smollm2-135m", "wikitext2",
+                                                                                     "test", res)})
+            print(f"{bits} {row}: {res.ppl:.3f} ({seconds:.0f}s)")
+            write_json(f"{args.out}.json", out)
+            Path(f"{args.out}.md").write_text(markdown(out))
+
+
+def markdown(out: dict) -> str:
+    f = out["float"]
+    c = out["calibration"]
+    lines = [f"SmolLM2-135M, {f['protocol']}; calibration {c['dataset']} {c['samples']}×{c['seqlen']} seed "
+             f"{c['seed']} (same set for every row); clipping {out['clipping']}; commit "
+             f"`{out['environment']['git_commit']}`.", "", f"Float ppl {f['ppl']:.3f}.", ""]
+    if out["exactness"]:
+        e = out["exactness"]
+        lines += [f"Exactness: {e['what']}: {e['max_abs_logit_diff']:.3e} (logits up to {e['logit_scale']:.1f}).", ""]
+    bits = list(dict.fromkeys(r["bits"] for r in out["rows"]))
+    rows = list(dict.fromkeys(r["row"] for r in out["rows"]))
+    lines += ["| row | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits)]
+    for row in rows:
+        cells = [next((f"{r['ppl']:.3f}" for r in out["rows"] if r["bits"] == b and r["row"] == row), "") for b in bits]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
