@@ -5,7 +5,7 @@
    blocks: per block, the steps run in order, weights not yet quantized get round-to-nearest, static
    activation quantizers are calibrated on the block's (quantized-path) inputs, and the block's outputs feed
    the next block. Otherwise every weight is rounded to nearest directly (no data needed).
-3. Linears outside the blocks (``lm_head`` when targeted) are handled last.
+3. Linears outside the blocks (``lm_head`` when targeted, BERT's pooler) are handled last.
 """
 from __future__ import annotations
 
@@ -83,15 +83,13 @@ def quantize(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor | None = 
     arch = get_architecture(model)
     blocks = get_blocks(model, arch)
     bar = tqdm(total=len(blocks), desc="blocks", disable=not progress, leave=False)
-    final_inputs = None
     for ctx in run_blocks(model, calib_ids, device=device, batch_size=recipe.calibration.batch_size):
         ctx.quant_linears = wrap_linears(ctx.block, scheme, prefix=ctx.name + ".")
         process_block(ctx, recipe)
         ctx.advance()
-        final_inputs = ctx.inputs
         bar.update(1)
     bar.close()
-    _quantize_tail(model, arch, scheme, final_inputs)
+    _quantize_tail(model, scheme, calib_ids, recipe.calibration.batch_size)
     return model
 
 
@@ -109,20 +107,17 @@ def process_block(ctx: BlockContext, recipe: Recipe) -> None:
 
 
 @torch.no_grad()
-def _quantize_tail(model: nn.Module, arch, scheme: Scheme, hidden: torch.Tensor) -> None:
-    """Linears after the last block (``lm_head``): RTN weights; static inputs calibrated on final-norm outputs."""
-    qls = wrap_linears(model, scheme)
-    for ql in qls.values():
+def _quantize_tail(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor, batch_size: int) -> None:
+    """Linears outside the blocks (``lm_head``, BERT's pooler): RTN weights; static inputs calibrated by
+    running the (now quantized) model on the calibration data."""
+    qls = list(wrap_linears(model, scheme).values())
+    for ql in qls:
         ql.quantize_weight()
-    if qls and arch.final_norm is not None:
-        norm = model.get_submodule(arch.final_norm)
-        dev = next(norm.parameters()).device
+    device = next(model.parameters()).device
 
-        def run():
-            for x in hidden.split(8):
-                h = norm(x.to(dev))
-                for ql in qls.values():
-                    ql(h)
+    def run():
+        for i in range(0, calib_ids.shape[0], batch_size):
+            model(input_ids=calib_ids[i:i + batch_size].to(device))
 
-        calibrate_static_activations(list(qls.values()), run)
-    set_activation_quant(qls.values(), True)
+    calibrate_static_activations(qls, run)
+    set_activation_quant(qls, True)

@@ -65,12 +65,6 @@ class GPTQ(Step):
             ql.set_quantized_weight(res.weight, res.scale, res.zero)
 
 
-# ---------------------------------------------------------------------------------------------- norm tweaking
-from typing import Literal  # noqa: E402  (kept with the step below, appended to this file)
-
-from pydantic import field_validator, model_validator  # noqa: E402
-
-
 @register_step
 class RepQuant(Step):
     """RepQuant (METHODS.md §1): per-channel quantizers on norm outputs, reparameterized to per-tensor.
@@ -102,8 +96,12 @@ class RepQuant(Step):
         if not maps:
             return
         observers = {m.norm: make_observer("percentile", size=self.sample_rows) for m in maps}
-        with observe_modules(ctx.model, observers, where="output"), torch.no_grad():
+        inside = {n: o for n, o in observers.items() if n.startswith(ctx.name + ".")}
+        with observe_modules(ctx.model, inside, where="output"), torch.no_grad():
             targets = [ctx.forward(x) for x in ctx.batches()]  # float block outputs
+        for n in set(observers) - set(inside):  # a norm before block 0 (BERT's embeddings): its output is the input
+            for x in ctx.batches():
+                observers[n].update(x)
         bounds = {m.norm: percentile_init(observers[m.norm].compute()["sample"], specs[m.norm].bits,
                                           tuple(self.percentiles), specs[m.norm].symmetric) for m in maps}
         if self.learn_clipping:
@@ -133,6 +131,12 @@ def _static_input_spec(norm: str, consumers) -> QuantSpec | None:
         raise RecipeError(f"repquant needs one static input_activations spec for the consumers of {norm}, "
                           f"got {sorted(s.short() for s in specs)}")
     return specs.pop()
+
+
+# ---------------------------------------------------------------------------------------------- norm tweaking
+from typing import Literal  # noqa: E402, F811  (imports of the NormTweak step, kept with it)
+
+from pydantic import field_validator, model_validator  # noqa: E402
 
 
 @register_step

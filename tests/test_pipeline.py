@@ -76,7 +76,7 @@ def test_mixed_precision_override_and_ignore():
     assert not isinstance(model.lm_head, QuantLinear)
 
 
-def test_lm_head_static_activation_calibrated_on_final_norm():
+def test_lm_head_static_activation_calibrated():
     model = tiny_model("llama")
     ids = tiny_inputs(model, batch=4, seq=16)
     recipe = parse_recipe({**STATIC, "scheme": {**STATIC["scheme"], "ignore": []}})
