@@ -148,7 +148,8 @@ class NormTweak(Step):
     quantized-path inputs and QuantLinear keeps no float weights once quantized. Per block it
     (a) computes the float targets ``[N, L, C]`` (weights still float, activation quantizers off),
     (b) runs the weight algorithm ``weights`` (the ``gptq`` step with the options under ``gptq:``, or ``rtn``),
-    (c) tunes the norms (LayerNorm γ, β; RMSNorm γ; Gemma's w) with :func:`~normquant.algorithms.norm_tweak.tweak_block`
+    (c) tunes the norms (LayerNorm γ, β; RMSNorm γ; Gemma's w) with
+    :func:`~normquant.algorithms.norm_tweak.tweak_block`
     at lr ``lr · (1 + kappa·l/L)`` for block ``l`` (0-based) of ``L``.
     So a recipe lists it *instead of* its weight step (an earlier step that quantizes the weights is refused)::
 
@@ -197,7 +198,7 @@ class NormTweak(Step):
     def apply_block(self, ctx) -> None:
         import logging
 
-        from normquant.algorithms.norm_tweak import batch_independent_forward, find_norms, layer_lr, tweak_block
+        from normquant.algorithms.norm_tweak import find_norms, layer_lr, tweak_block
         from normquant.models.arch import get_blocks
         from normquant.quantize import calibrate_static_activations
         from normquant.recipe import RecipeError
@@ -220,7 +221,7 @@ class NormTweak(Step):
         was = [q.enabled for q in aq]
         for q in aq:
             q.enabled = False
-        forward = batch_independent_forward(ctx.block, ctx.args, ctx.kwargs, ctx.device)
+        forward = ctx.forward
         with torch.no_grad():  # [N, L, C]: the float block on the quantized-path inputs
             targets = torch.cat([forward(x).to(ctx.inputs.device) for x in ctx.inputs.split(ctx.batch_size)])
         self.weight_step().apply_block(ctx)

@@ -29,7 +29,9 @@ class BlockContext:
     """What a step sees of one block.
 
     ``inputs``: ``[N, L, C]`` hidden states entering the block (quantized path, on ``store_device``);
-    ``args`` / ``kwargs``: the block's other call arguments (masks, position embeddings), shared by all samples.
+    ``args`` / ``kwargs``: the block's other call arguments (masks, position embeddings, BLOOM's alibi), as
+    captured with a batch of ``capture_batch`` samples; :meth:`forward` re-makes the per-batch ones for any
+    batch size (calibration samples have equal length and no padding, so their rows are equal).
     """
 
     index: int
@@ -41,12 +43,22 @@ class BlockContext:
     args: tuple
     kwargs: dict
     device: torch.device
+    capture_batch: int
     batch_size: int = 8
     quant_linears: dict = field(default_factory=dict)  # block-relative name -> QuantLinear
+    _rebatched: dict = field(default_factory=dict, repr=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Run the block on hidden states ``[b, L, C]`` (moved to the compute device)."""
-        out = self.block(hidden.to(self.device), *self.args, **self.kwargs)
+        """Run the block on hidden states ``[b, L, C]`` (any ``b``; moved to the compute device)."""
+        b = hidden.shape[0]
+        if b == self.capture_batch:
+            args, kwargs = self.args, self.kwargs
+        else:
+            if b not in self._rebatched:
+                self._rebatched[b] = (_rebatch(self.args, self.capture_batch, b),
+                                      _rebatch(self.kwargs, self.capture_batch, b))
+            args, kwargs = self._rebatched[b]
+        out = self.block(hidden.to(self.device), *args, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def batches(self) -> Iterator[torch.Tensor]:
@@ -62,6 +74,26 @@ class BlockContext:
         self.inputs = self.outputs()
 
 
+def _rebatch(v, captured: int, b: int):
+    """Per-batch tensors of the call arguments re-made for batch ``b`` from their first sample.
+
+    A tensor ``[captured·k, ...]`` (mask ``[B, 1, L, L]``: k = 1; BLOOM alibi ``[B·H, 1, L]``: k = H) becomes
+    ``[b·k, ...]``; tensors of fewer than 3 dimensions, or whose first dimension is not a multiple of
+    ``captured`` (shared position embeddings ``[1, L, d]``), are kept.
+    """
+    if isinstance(v, torch.Tensor):
+        if v.dim() < 3 or v.shape[0] % captured:  # masks are 4-D, alibi 3-D; ids and cache positions stay
+            return v
+        k = v.shape[0] // captured
+        first = v.reshape(captured, k, *v.shape[1:])[:1]  # [B·k, ...] -> [1, k, ...]
+        return first.expand(b, *first.shape[1:]).reshape(b * k, *v.shape[1:])
+    if isinstance(v, (tuple, list)):
+        return type(v)(_rebatch(x, captured, b) for x in v)
+    if isinstance(v, dict):
+        return {k: _rebatch(x, captured, b) for k, x in v.items()}
+    return v
+
+
 def _move(v, device: torch.device):
     """Tensors (also inside tuples and dicts) moved to ``device``."""
     if isinstance(v, torch.Tensor):
@@ -75,8 +107,9 @@ def _move(v, device: torch.device):
 
 @torch.no_grad()
 def capture_block0_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, device: torch.device,
-                          batch_size: int) -> tuple[torch.Tensor, tuple, dict]:
-    """Run the model up to block 0; return its inputs ``[N, L, C]`` (CPU) and the other call args and kwargs.
+                          batch_size: int) -> tuple[torch.Tensor, tuple, dict, int]:
+    """Run the model up to block 0; return its inputs ``[N, L, C]`` (CPU), the other call args and kwargs (of
+    the first batch) and that batch's size.
 
     Some blocks take masks positionally (GPT-2), so positional arguments are kept as well.
     """
@@ -87,8 +120,9 @@ def capture_block0_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: to
     def hook(_module, args, kw):
         x = args[0] if args else kw.pop("hidden_states")
         hidden.append(x.detach().cpu())
-        extra[0] = tuple(args[1:])
-        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        if len(hidden) == 1:
+            extra[0] = tuple(args[1:])
+            kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
         raise _StopForward
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -101,7 +135,7 @@ def capture_block0_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: to
     finally:
         handle.remove()
     kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "use_cache")}
-    return torch.cat(hidden), extra[0], kwargs
+    return torch.cat(hidden), extra[0], kwargs, hidden[0].shape[0]
 
 
 def _offloaded(model: nn.Module) -> bool:
@@ -123,7 +157,7 @@ def run_blocks(model: nn.Module, input_ids: torch.Tensor, *, device: str | torch
         model.cpu()
         for name, child in model.named_children():
             _move_non_blocks(child, blocks, device)
-    inputs, args, kwargs = capture_block0_inputs(model, blocks, input_ids, device if not offloaded else
+    inputs, args, kwargs, capture_batch = capture_block0_inputs(model, blocks, input_ids, device if not offloaded else
                                            next(model.parameters()).device, batch_size)
     prefix = _blocks_name(model, blocks)
     for i, block in enumerate(blocks):
@@ -131,7 +165,7 @@ def run_blocks(model: nn.Module, input_ids: torch.Tensor, *, device: str | torch
         if not offloaded:
             block.to(dev)
         ctx = BlockContext(i, f"{prefix}.{i}", block, arch, model, inputs, _move(args, dev), _move(kwargs, dev), dev,
-                           batch_size)
+                           capture_batch, batch_size)
         yield ctx
         inputs = ctx.inputs
         if not offloaded:
