@@ -95,13 +95,10 @@ def _eval(model, tok, ev, data_dir, progress):
                                progress=progress)
 
 
-def _calibration(recipe, tok, data_dir):
-    from normquant.data.text import calibration_samples
+def _calibration(recipe, model, tok, data_dir):
+    from normquant.data import calibration_ids
 
-    if not recipe.needs_data:
-        return None
-    c = recipe.calibration
-    return calibration_samples(tok, c.dataset, c.split, n=c.samples, seqlen=c.seqlen, seed=c.seed, data_dir=data_dir)
+    return calibration_ids(recipe.calibration, model, tok, data_dir) if recipe.needs_data else None
 
 
 def _table(rows: list[tuple[str, float, float | None]]) -> str:
@@ -135,7 +132,7 @@ def cmd_run(args) -> int:
         base = res.ppl
         print(f"float      ppl {res.ppl:.3f}  ({res.windows}/{res.windows_total} windows, {res.tokens_per_s:.0f} tok/s)")
     t0 = time.perf_counter()
-    calib = _calibration(recipe, tok, args.data_dir)
+    calib = _calibration(recipe, model, tok, args.data_dir)
     quantize(model, recipe, calib, device=model_device_str(model), progress=progress)
     record["quantize_seconds"] = time.perf_counter() - t0
     if calib is not None:
@@ -190,7 +187,7 @@ def cmd_export(args) -> int:
     if Path(args.output).exists() and not args.force:
         raise UserError(f"export directory {args.output} exists; pass --force to overwrite")
     model, tok = _load(recipe)
-    quantize(model, recipe, _calibration(recipe, tok, args.data_dir), device=model_device_str(model),
+    quantize(model, recipe, _calibration(recipe, model, tok, args.data_dir), device=model_device_str(model),
              progress=not args.quiet)
     path = export_model(model, tok, args.output, force=args.force,
                         extra_metadata={"recipe": recipe.name, "recipe_hash": recipe.hash()})

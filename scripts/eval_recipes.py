@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from normquant.data.text import calibration_samples, tokenize_eval
+from normquant.data import calibration_ids
+from normquant.data.text import tokenize_eval
 from normquant.evaluation.perplexity import evaluate_perplexity
 from normquant.evaluation.records import environment, perplexity_record, write_json
 from normquant.models.loading import load_model
@@ -48,8 +49,7 @@ def main() -> None:
         c = recipe.calibration
         key = (c.dataset, c.split, c.samples, c.seqlen, c.seed)
         if recipe.needs_data and key not in calib:
-            calib[key] = calibration_samples(tok, c.dataset, c.split, n=c.samples, seqlen=c.seqlen, seed=c.seed,
-                                             data_dir=args.data_dir)
+            calib[key] = calibration_ids(c, model, tok, args.data_dir)
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
         quantize(m, recipe, calib.get(key) if recipe.needs_data else None)

@@ -1,0 +1,18 @@
+"""Text sources and calibration data."""
+from __future__ import annotations
+
+
+def calibration_ids(cal, model, tokenizer, data_dir=None):
+    """Calibration token ids ``[samples, seqlen]`` for a recipe's ``calibration`` section.
+
+    ``dataset: selfgen`` generates them with the model itself (Norm Tweaking's data, cached on disk);
+    otherwise random segments of a text set (C4 validation by default).
+    """
+    if cal.dataset == "selfgen":
+        from normquant.data.selfgen import generate_calibration
+
+        return generate_calibration(model, tokenizer, n=cal.samples, seqlen=cal.seqlen, seed=cal.seed)
+    from normquant.data.text import calibration_samples
+
+    return calibration_samples(tokenizer, cal.dataset, cal.split, n=cal.samples, seqlen=cal.seqlen, seed=cal.seed,
+                               data_dir=data_dir)

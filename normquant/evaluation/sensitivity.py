@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 
 from normquant.calibration.runner import _blocks_name
-from normquant.data.text import calibration_samples, tokenize_eval
+from normquant.data import calibration_ids
+from normquant.data.text import tokenize_eval
 from normquant.evaluation.perplexity import evaluate_perplexity
 from normquant.evaluation.records import environment
 from normquant.models.arch import get_blocks
@@ -53,9 +54,7 @@ def sensitivity_report(recipe: Recipe, *, data_dir=None, progress: bool = True) 
                 "input_activations": spec if part == "input_activations" else None})
             one = recipe.model_copy(update={"scheme": scheme, "steps": recipe.steps if part == "weights" else []})
             if one.needs_data and calib is None:
-                c = recipe.calibration
-                calib = calibration_samples(tok, c.dataset, c.split, n=c.samples, seqlen=c.seqlen, seed=c.seed,
-                                            data_dir=data_dir)
+                calib = calibration_ids(recipe.calibration, model, tok, data_dir)
             m = quantize(copy.deepcopy(model), one, calib if one.needs_data else None, progress=False)
             res = ppl(m)
             rows.append({"module": kind, "part": part, "spec": spec.short(), "ppl": res.ppl,
