@@ -95,8 +95,17 @@ def round_ste(v: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_view(xv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Integer codes (as float values) on the reduction view: ``clamp(round(x/s) + z, qmin, qmax)``."""
-    return torch.clamp(round_ste(xv / scale) + zero, spec.qmin, spec.qmax)
+    """Integer codes (as float values) on the reduction view: ``clamp(round(x/s) + z, qmin, qmax)``.
+
+    With autograd recording, rounding is straight-through; otherwise the ops run in place on one buffer
+    (this is the hot path of fake-quant evaluation).
+    """
+    if torch.is_grad_enabled() and (xv.requires_grad or scale.requires_grad):
+        return torch.clamp(round_ste(xv / scale) + zero, spec.qmin, spec.qmax)
+    q = torch.div(xv, scale).round_()
+    if spec.symmetric:  # zero point is 0
+        return q.clamp_(spec.qmin, spec.qmax)
+    return q.add_(zero).clamp_(spec.qmin, spec.qmax)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, channel_axis: int = 0) -> torch.Tensor:
@@ -121,5 +130,12 @@ def fake_quantize_dynamic(x: torch.Tensor, spec: QuantSpec, channel_axis: int = 
     """Fake-quantize with qparams computed from ``x`` itself (dynamic activations, RTN weights)."""
     xv, restore = reduction_view(x, spec, channel_axis)
     with torch.no_grad():
-        scale, zero = qparams_from_range(xv.amin(dim=1, keepdim=True), xv.amax(dim=1, keepdim=True), spec)
-    return restore(scale * (quantize_view(xv, scale, zero, spec) - zero)).to(x.dtype)
+        if spec.symmetric:  # one reduction instead of two
+            amax = xv.abs().amax(dim=1, keepdim=True)
+            scale, zero = qparams_from_range(-amax, amax, spec)
+        else:
+            scale, zero = qparams_from_range(xv.amin(dim=1, keepdim=True), xv.amax(dim=1, keepdim=True), spec)
+    q = quantize_view(xv, scale, zero, spec)
+    if not spec.symmetric:
+        q = q - zero
+    return restore(q.mul_(scale) if not q.requires_grad else q * scale).to(x.dtype)
