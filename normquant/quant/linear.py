@@ -91,8 +91,9 @@ class QuantLinear(nn.Module):
                  input_spec: QuantSpec | None):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)  # [out, in]
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        # shares the wrapped module's storage (no copy of the model): quantize_weight installs a new tensor
+        self.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)  # [out, in]
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.weight_spec = weight_spec
         self.input_quant = ActivationQuantizer(input_spec) if input_spec is not None else None
         self.register_buffer("weight_scale", None)
