@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 from pathlib import Path
 
@@ -34,14 +35,22 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--calib-samples", type=int, help="override the recipes' calibration sample count")
     ap.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
+    ap.add_argument("--float-from", help="reuse the float record of an earlier output JSON (same windows/seqlen)")
     args = ap.parse_args()
 
     model, tok = load_model(args.model)
     ids = tokenize_eval(tok, "wikitext2", "test", args.data_dir)
-    fl = evaluate_perplexity(model, ids, seqlen=args.seqlen, windows=args.windows)
-    print(f"float: {fl.ppl:.3f}")
-    out = {"model": args.model, "environment": environment(), "float": perplexity_record(args.model, "wikitext2",
-                                                                                          "test", fl), "rows": []}
+    if args.float_from:
+        float_record = json.loads(Path(args.float_from).read_text())["float"]
+        if (float_record["windows"], float_record["seqlen"]) != (args.windows, args.seqlen):
+            raise SystemExit(f"{args.float_from} measured other windows/seqlen")
+        float_record["reused_from"] = args.float_from
+    else:
+        float_record = perplexity_record(args.model, "wikitext2", "test",
+                                         evaluate_perplexity(model, ids, seqlen=args.seqlen, windows=args.windows))
+    fl_ppl = float_record["ppl"]
+    print(f"float: {fl_ppl:.3f}")
+    out = {"model": args.model, "environment": environment(), "float": float_record, "rows": []}
     calib: dict[tuple, torch.Tensor] = {}
     for path in args.recipes:
         over = {"calibration": {"samples": args.calib_samples}} if args.calib_samples else {}
@@ -56,7 +65,7 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         res = evaluate_perplexity(m, ids, seqlen=args.seqlen, windows=args.windows)
         row = {"recipe": recipe.name, "recipe_file": path, "recipe_hash": recipe.hash(),
-               "quantize_seconds": seconds, "ppl": res.ppl, "delta_pct": 100 * (res.ppl / fl.ppl - 1),
+               "quantize_seconds": seconds, "ppl": res.ppl, "delta_pct": 100 * (res.ppl / fl_ppl - 1),
                "calibration": dict(zip(("dataset", "split", "samples", "seqlen", "seed"), key))
                if recipe.needs_data else None,
                "record": perplexity_record(args.model, "wikitext2", "test", res)}
