@@ -74,8 +74,13 @@ def quantize(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor | None = 
         qls = wrap_linears(model, scheme)
         if not qls:
             raise RecipeError("the scheme's targets match no Linear module; check scheme.targets / scheme.ignore")
-        for ql in tqdm(qls.values(), desc="rtn", disable=not progress, leave=False):
-            ql.quantize_weight()
+        rtn = next((step for step in recipe.steps if step.name == "rtn"), None)  # the only step without data
+        todo = tqdm(qls.values(), desc="rtn", disable=not progress, leave=False)
+        if rtn is None:
+            for ql in todo:
+                ql.quantize_weight()
+        else:
+            rtn.quantize_linears(todo)
         set_activation_quant(qls.values(), True)
         return model
     if calib_ids is None:

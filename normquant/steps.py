@@ -10,10 +10,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from normquant.algorithms.gptq import HessianAccumulator, gptq_quantize
+from normquant.algorithms.gptq import HessianAccumulator, gptq_quantize, mse_clip_qparams
 from normquant.calibration.observers import make_observer, observe_modules
 from normquant.models.arch import block_mappings
 from normquant.quant.linear import QuantLinear
+from normquant.quant.primitives import reduction_view
 from normquant.quant.spec import QuantSpec
 from normquant.recipe import RecipeError, Step, register_step
 from normquant.transforms.repquant import (channel_qparams, install_input_quantizers, learn_dual_clipping,
@@ -22,13 +23,25 @@ from normquant.transforms.repquant import (channel_qparams, install_input_quanti
 
 @register_step
 class RTN(Step):
-    """Round-to-nearest weights with min-max qparams (what every weight gets when no other step quantizes it)."""
+    """Round-to-nearest weights with min-max qparams (what every weight gets when no other step quantizes it).
+
+    ``mse: true`` picks each row's (or group's) range by the clip search of §5.2 instead of min-max — the same
+    search as ``gptq: {mse: true}``, so RTN and GPTQ can be compared with equal ranges.
+    """
 
     name = "rtn"
+    mse: bool = False
 
     def apply_block(self, ctx) -> None:
-        for ql in ctx.quant_linears.values():
-            ql.quantize_weight()
+        self.quantize_linears(ctx.quant_linears.values())
+
+    def quantize_linears(self, qls) -> None:
+        for ql in qls:
+            if self.mse and ql.weight_spec is not None:
+                wv, _ = reduction_view(ql.weight.data.float(), ql.weight_spec, channel_axis=0)  # [n, k]
+                ql.quantize_weight(*mse_clip_qparams(wv, ql.weight_spec))
+            else:
+                ql.quantize_weight()
 
 
 @register_step

@@ -59,13 +59,14 @@ def main() -> None:
                                                    "dynamic-token"])
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seqlen", type=int, default=1024)
+    ap.add_argument("--calib-batch", type=int, default=4, help="samples per batch (per Adam step of the clipping)")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--out", default="eval/repquant_smollm2")
     args = ap.parse_args()
     model, tok = load_model("smollm2-135m")
     ids = tokenize_eval(tok, "wikitext2", "test", args.data_dir)
-    calib_cfg = {"samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": 0, "batch_size": 4}
+    calib_cfg = {"samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": 0, "batch_size": args.calib_batch}
     calib = calibration_samples(tok, "c4", "validation", n=args.calib_samples, seqlen=args.calib_seqlen, seed=0,
                                 data_dir=args.data_dir)
     out = {"model": "smollm2-135m", "environment": environment(), "calibration": {"dataset": "c4/validation",

@@ -102,3 +102,23 @@ def test_group_size_not_dividing_is_a_clear_error():
     recipe = parse_recipe({"scheme": {"weights": {"bits": 4, "granularity": "group", "group_size": 24}}})
     with pytest.raises(QuantError, match="group_size 24 does not divide"):
         quantize(model, recipe, progress=False)
+
+
+@pytest.mark.parametrize("weights", [{"bits": 4}, {"bits": 3, "symmetric": False, "granularity": "group", "group_size": 8}])
+def test_rtn_mse_clip_search_never_worse_per_row(weights):
+    """`rtn: {mse: true}`: every row's (group's) Σ|error|^MSE_NORM is ≤ min-max RTN's (p = 1 is a candidate)."""
+    from normquant.algorithms.gptq import MSE_NORM
+
+    base = tiny_model("llama")
+    errs = {}
+    for step in ("rtn", {"rtn": {"mse": True}}):
+        model = tiny_model("llama")
+        quantize(model, parse_recipe({"scheme": {"weights": weights}, "steps": [step]}), None, progress=False)
+        ql = model.model.layers[0].mlp.down_proj
+        assert isinstance(ql, QuantLinear)
+        w = base.model.layers[0].mlp.down_proj.weight.detach()
+        g = weights.get("group_size", w.shape[1])
+        errs[str(step)] = (ql.weight.detach() - w).abs().pow(MSE_NORM).reshape(-1, g).sum(dim=1)  # [rows (groups)]
+    plain, searched = errs["rtn"], errs[str({"rtn": {"mse": True}})]
+    assert (searched <= plain * (1 + 1e-6)).all()
+    assert searched.sum() < plain.sum()  # measured: 4-bit channel 0.74x, 3-bit g8 0.90x of the min-max error
