@@ -70,7 +70,8 @@ def exactness(model, calib, probe, calib_cfg: dict, dtype: str) -> dict:
     d = (a - b).abs()
     res = {"dtype": dtype, "max_abs_logit_diff": d.max().item(), "mean_abs_logit_diff": d.mean().item(),
            "argmax_agreement": (a.argmax(-1) == b.argmax(-1)).double().mean().item(),
-           "logit_scale": b.abs().max().item(), "probe_tokens": probe.shape[1]}
+           "logit_scale": b.abs().max().item(), "probe_tokens": probe.shape[1],
+           "calibration": f"c4/validation {calib.shape[0]}x{calib.shape[1]} seed {calib_cfg['seed']}"}
     print(f"exactness {dtype}: max |Δlogit| {res['max_abs_logit_diff']:.3e}, mean {res['mean_abs_logit_diff']:.3e}, "
           f"argmax agreement {res['argmax_agreement']:.3f}", flush=True)
     return res
@@ -134,7 +135,8 @@ def markdown(out: dict) -> str:
     for e in (out["exactness"] or {}).values():
         if not isinstance(e, dict):
             continue
-        lines += [f"Exactness ({e['dtype']}; A6, float weights, percentile bounds, first {e['probe_tokens']} test tokens): "
+        lines += [f"Exactness ({e['dtype']}; A6, float weights, percentile bounds, first {e['probe_tokens']} test tokens, "
+                  f"calibration {e['calibration']}): "
                   f"reparameterized per-tensor vs per-channel simulation, max |Δlogit| {e['max_abs_logit_diff']:.3e}, "
                   f"mean {e['mean_abs_logit_diff']:.3e}, argmax agreement {e['argmax_agreement']:.3f} "
                   f"(logits up to {e['logit_scale']:.1f}).", ""]
