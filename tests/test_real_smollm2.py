@@ -1,6 +1,6 @@
 """Real numbers on the packaged SmolLM2-135M: first 2 WikiText-2 windows of 2048 tokens.
 
-The full 16/148-window numbers live in eval/ (scripts/eval_core.py); these keep the pipeline honest in CI.
+The full 16/148-window numbers live in eval/ (scripts/eval_recipes.py); these keep the pipeline honest in CI.
 """
 import copy
 
