@@ -19,6 +19,7 @@ from normquant.calibration.runner import BlockContext, run_blocks
 from normquant.models.arch import get_architecture, get_blocks
 from normquant.quant.linear import QuantLinear
 from normquant.recipe import Recipe, RecipeError, Scheme
+from normquant.steps import RTN
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,8 @@ def quantize(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor | None = 
         qls = wrap_linears(model, scheme)
         if not qls:
             raise RecipeError("the scheme's targets match no Linear module; check scheme.targets / scheme.ignore")
-        rtn = next((step for step in recipe.steps if step.name == "rtn"), None)  # the only step without data
-        todo = tqdm(qls.values(), desc="rtn", disable=not progress, leave=False)
-        if rtn is None:
-            for ql in todo:
-                ql.quantize_weight()
-        else:
-            rtn.quantize_linears(todo)
+        rtn = next((step for step in recipe.steps if isinstance(step, RTN)), RTN())  # the only step without data
+        rtn.quantize_linears(tqdm(qls.values(), desc="rtn", disable=not progress, leave=False))
         set_activation_quant(qls.values(), True)
         return model
     if calib_ids is None:

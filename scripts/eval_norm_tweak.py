@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from normquant.algorithms.norm_tweak import heldout_ids
 from normquant.data.selfgen import generate_calibration
 from normquant.data.text import tokenize_eval
 from normquant.evaluation.perplexity import evaluate_perplexity
-from normquant.evaluation.records import environment, perplexity_record, write_json
+from normquant.evaluation.records import environment, perplexity_record, reused_float_record, write_json
 from normquant.models.loading import load_model
 from normquant.quantize import quantize
 from normquant.recipe import parse_recipe
@@ -70,8 +69,7 @@ def main() -> None:
     heldout = heldout_ids(tok, "c4", "validation", tokens=args.heldout_windows * args.heldout_seqlen,
                           data_dir=args.data_dir)
     if args.float_from:
-        fl = json.loads(Path(args.float_from).read_text())["float"]
-        assert fl["windows"] == args.windows, f"{args.float_from} measured {fl['windows']} windows"
+        fl = reused_float_record(args.float_from, args.windows, 2048)
     else:
         fl = perplexity_record("smollm2-135m", "wikitext2", "test", evaluate_perplexity(model, ids, windows=args.windows))
     out = {"model": "smollm2-135m", "environment": environment(), "float": fl, "calibration": calib_cfg,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from normquant.data import calibration_ids
 from normquant.data.text import tokenize_eval
 from normquant.evaluation.perplexity import evaluate_perplexity
-from normquant.evaluation.records import environment, perplexity_record, write_json
+from normquant.evaluation.records import environment, perplexity_record, reused_float_record, write_json
 from normquant.models.loading import load_model
 from normquant.quantize import quantize
 from normquant.recipe import load_recipe
@@ -41,10 +40,7 @@ def main() -> None:
     model, tok = load_model(args.model)
     ids = tokenize_eval(tok, "wikitext2", "test", args.data_dir)
     if args.float_from:
-        float_record = json.loads(Path(args.float_from).read_text())["float"]
-        if (float_record["windows"], float_record["seqlen"]) != (args.windows, args.seqlen):
-            raise SystemExit(f"{args.float_from} measured other windows/seqlen")
-        float_record["reused_from"] = args.float_from
+        float_record = reused_float_record(args.float_from, args.windows, args.seqlen)
     else:
         float_record = perplexity_record(args.model, "wikitext2", "test",
                                          evaluate_perplexity(model, ids, seqlen=args.seqlen, windows=args.windows))

@@ -27,7 +27,7 @@ import torch
 
 from normquant.data.text import calibration_samples, tokenize_eval
 from normquant.evaluation.perplexity import evaluate_perplexity
-from normquant.evaluation.records import environment, perplexity_record, write_json
+from normquant.evaluation.records import environment, perplexity_record, reused_float_record, write_json
 from normquant.models.loading import load_model
 from normquant.quantize import quantize
 from normquant.recipe import parse_recipe
@@ -117,8 +117,7 @@ def main() -> None:
         Path(f"{args.out}.md").write_text(markdown(old))
         return
     if args.float_from:
-        out["float"] = json.loads(Path(args.float_from).read_text())["float"]
-        assert out["float"]["windows"] == args.windows, f"{args.float_from} measured other windows"
+        out["float"] = reused_float_record(args.float_from, args.windows, 2048)
     else:
         out["float"] = perplexity_record("smollm2-135m", "wikitext2", "test",
                                          evaluate_perplexity(model, ids, seqlen=2048, windows=args.windows))

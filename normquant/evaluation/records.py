@@ -41,6 +41,18 @@ def perplexity_record(model_name: str, dataset: str, split: str, result, **extra
             **result.to_dict(), **extra}
 
 
+def reused_float_record(path: str | Path, windows: int, seqlen: int) -> dict:
+    """The ``"float"`` record of an earlier result JSON, for a run that measures the same windows again.
+
+    A record of other windows or another seqlen is refused (one line, exit); the copy says where it came from.
+    """
+    record = json.loads(Path(path).read_text())["float"]
+    if (record["windows"], record["seqlen"]) != (windows, seqlen):
+        raise SystemExit(f"{path} measured {record['windows']} windows of {record['seqlen']} tokens, not {windows} "
+                         f"of {seqlen}: drop --float-from or point it at a matching result")
+    return {**record, "reused_from": str(path)}
+
+
 def write_json(path: str | Path, data: dict) -> Path:
     """Write JSON atomically (temp file + rename)."""
     path = Path(path)
