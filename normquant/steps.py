@@ -84,7 +84,9 @@ class RepQuant(Step):
 
     Per block: sample each mapped norm's output on the calibration inputs, initialize per-channel bounds by
     the RepQ-ViT percentile search, optionally learn dual clipping (block-output MSE, Adam; [NQ] defaults
-    lr 5e-3, 20 epochs), then either fold the channel scales into the norm and its consumers and install
+    lr 5e-3, 20 epochs; with ``weights_in_loop`` (default) the consumers compute with the RTN weights they
+    will have after the reparameterization, so the bounds also pay for the weight error a wide channel
+    range causes — the paper's "quantized weight reconstruction", whose details are UNVERIFIED), then either fold the channel scales into the norm and its consumers and install
     one per-tensor quantizer ``(s̃, integer z̃)`` on the consumers (``mode: reparameterize``), or install the
     per-channel quantizers on the unchanged model (``mode: per_channel``, the simulation the
     reparameterization must reproduce). Bits and symmetry come from the consumers' ``input_activations``
@@ -97,6 +99,7 @@ class RepQuant(Step):
     mode: Literal["reparameterize", "per_channel"] = "reparameterize"
     percentiles: list[float] = [0.999, 0.9999, 0.99999]
     learn_clipping: bool = True
+    weights_in_loop: bool = True
     lr: float = Field(5e-3, gt=0)
     epochs: int = Field(20, ge=1)
     sample_rows: int = Field(65536, gt=0)
@@ -124,7 +127,8 @@ class RepQuant(Step):
                 raise RecipeError("repquant learns all norms of a block together: give their consumers one input spec")
             norms = {m.norm: ctx.model.get_submodule(m.norm) for m in maps}
             bounds = learn_dual_clipping(ctx.forward, norms, list(ctx.batches()), targets, bounds, bits.pop(),
-                                         symmetric=sym.pop(), lr=self.lr, epochs=self.epochs).bounds
+                                         symmetric=sym.pop(), lr=self.lr, epochs=self.epochs,
+                                         consumers=consumers if self.weights_in_loop else None).bounds
         qparams = {n: channel_qparams(lo, hi, specs[n].bits, specs[n].symmetric) for n, (lo, hi) in bounds.items()}
         if self.mode == "reparameterize":
             reps = reparameterize_block(ctx.model, ctx.index, qparams)

@@ -34,6 +34,7 @@ from normquant.transforms.repquant import (
     log_sqrt2_dequantize,
     log_sqrt2_quantize,
     percentile_init,
+    quantize_consumers_as_reparameterized,
     reparameterize,
     reparameterize_block,
 )
@@ -369,6 +370,51 @@ def test_dual_clipping_reduces_block_output_mse():
     sym = learn_dual_clipping(block_forward, norms, inputs, targets, init, BITS, symmetric=True, lr=5e-2, epochs=3)
     lo, hi = sym.bounds["input_layernorm"]
     assert torch.equal(lo, -hi)
+
+
+@pytest.mark.parametrize("kind,symmetric,weight_spec", [
+    ("llama", False, QuantSpec(bits=4, symmetric=True, granularity="channel")),  # option B: zero-point shift term
+    ("llama", True, QuantSpec(bits=3, symmetric=False, granularity="group", group_size=16)),
+    ("opt", False, QuantSpec(bits=4, symmetric=True, granularity="channel")),  # LayerNorm, existing biases
+])
+def test_weights_in_loop_simulates_the_reparameterized_rtn_model(kind, symmetric, weight_spec):
+    """What learned clipping optimizes with ``consumers`` given is the model it produces: the original model,
+    per-channel fake-quant on the norm outputs, consumers patched == reparameterized model + RTN weights."""
+    model = tiny_model(kind, torch.float64)
+    ids = tiny_inputs(model)
+    qparams = _per_channel_qparams(model, ids, symmetric)
+
+    def with_weight_spec(m):
+        for mp in _all_mappings(m):
+            for path in mp.consumers:
+                m.set_submodule(path, QuantLinear.wrap(m.get_submodule(path), weight_spec, None))
+        return m
+
+    simulated = with_weight_spec(copy.deepcopy(model))
+    norms = {m.norm: simulated.get_submodule(m.norm) for m in _all_mappings(simulated)}
+    hooks = [norms[n].register_forward_hook(lambda mod, a, out, n=n: fake_quantize_channels(out, *qparams[n], BITS, symmetric))
+             for n in norms]
+    consumers = {n: _consumers(simulated, n) for n in norms}
+    with quantize_consumers_as_reparameterized(consumers, lambda n: qparams[n]):
+        sim = _outputs(simulated, ids)
+    for h in hooks:
+        h.remove()
+    assert not any("forward" in vars(c) for cs in consumers.values() for c in cs)  # patches removed
+
+    real = with_weight_spec(copy.deepcopy(model))
+    for i in range(len(get_blocks(real))):
+        own = {m.norm for m in block_mappings(real, i)}
+        for name, rep in reparameterize_block(real, i, {n: qp for n, qp in qparams.items() if n in own}).items():
+            install_input_quantizers(_consumers(real, name), rep.s_tilde, rep.z_tilde, BITS, symmetric)
+            for c in _consumers(real, name):
+                c.quantize_weight()
+    err = _max_diff(_outputs(real, ids), sim)
+    # QuantLinear.quantize_weight rounds in float32 even for a float64 model, hence ~1e-8, not ~1e-15; one
+    # weight rounded to a different level would show as ~1e-2. measured: llama B 2.4e-8, llama A g16 2.7e-8,
+    # opt 1.4e-9 (outputs ~1)
+    assert err < 1e-6, err
+    float_weights = _max_diff(_outputs(_per_channel_model(model, qparams, symmetric), ids), sim)
+    assert float_weights > 1e-3, float_weights  # the weight error is in the loop (measured 5e-3 .. 5e-2)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from torch import nn
 
 from normquant.models.arch import block_mappings, get_architecture
 from normquant.quant.linear import ActivationQuantizer, QuantLinear
-from normquant.quant.primitives import QuantError, check_finite, fake_quantize, round_ste
+from normquant.quant.primitives import QuantError, check_finite, choose_qparams, fake_quantize, round_ste
 from normquant.quant.spec import QuantSpec
 from normquant.transforms.fold import (
     FoldError,
@@ -278,6 +278,47 @@ def fake_quantize_norm_outputs(norms: Mapping[str, nn.Module], bounds: Callable[
             h.remove()
 
 
+@contextlib.contextmanager
+def quantize_consumers_as_reparameterized(consumers: Mapping[str, Sequence[nn.Module]],
+                                          qparams: Callable[[str], tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """Make each consumer compute, in the original basis, what it will compute after the reparameterization
+    with RTN (min-max) weights, so that learned bounds see the weight error they cause.
+
+    ``consumers``: per norm name, the ``QuantLinear`` layers reading its output (those without a weight spec
+    stay float); ``qparams(name) -> (s [C], z [C])``: the norm's current per-channel qparams, evaluated at
+    every call (differentiable). With ``W' = W·diag(s/s̃)`` and per-row (or per-group) weight quantization,
+    ``Q(W') = Q(W·diag(s))/s̃`` (a common factor passes through min-max RTN), so the reparameterized layer on
+    the per-channel fake-quantized input ``X̂`` is, with ``r2 = z − round(mean(z))``::
+
+        y = W_eff X̂ + b + (Q(W·diag(s)) − W·diag(s)) r2,    W_eff = Q(W·diag(s))·diag(1/s)
+
+    (the last term: the zero-point shift's bias ``−W' s̃ r2`` was folded with float weights but now meets the
+    quantized ones; 0 for symmetric qparams). Rounding is straight-through. Forwards are restored on exit.
+    """
+    def forward_for(name: str, linear: QuantLinear) -> Callable:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            s, z = (v.to(dtype) for v in qparams(name))
+            w_s = linear.weight.to(dtype) * s[None, :]  # W·diag(s), [out, C]
+            q_ws = fake_quantize(w_s, *choose_qparams(w_s, linear.weight_spec), linear.weight_spec)
+            y = F.linear(x.to(dtype), q_ws / s[None, :], None if linear.bias is None else linear.bias.to(dtype))
+            r2 = z - torch.round(z.detach().mean())
+            if bool((r2 != 0).any()):
+                y = y + (q_ws - w_s) @ r2
+            return y.to(x.dtype)
+        return forward
+
+    patched = [(linear, forward_for(name, linear)) for name, linears in consumers.items() for linear in linears
+               if isinstance(linear, QuantLinear) and linear.weight_spec is not None]
+    try:
+        for linear, forward in patched:
+            linear.forward = forward  # instance attribute: shadows QuantLinear.forward
+        yield
+    finally:
+        for linear, _ in patched:
+            del linear.forward
+
+
 @dataclass
 class ClippingResult:
     """Learned per-channel bounds per norm; ``losses``: mean block-output MSE at the initial bounds, then the
@@ -290,7 +331,8 @@ class ClippingResult:
 def learn_dual_clipping(block_forward: Callable[[torch.Tensor], torch.Tensor], norms: Mapping[str, nn.Module],
                         inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
                         init: Mapping[str, Bounds], bits: int, *, symmetric: bool = False,
-                        lr: float = 5e-3, epochs: int = 20) -> ClippingResult:
+                        lr: float = 5e-3, epochs: int = 20,
+                        consumers: Mapping[str, Sequence[nn.Module]] | None = None) -> ClippingResult:
     """Learn per-channel clipping bounds of the norm outputs of one block by block-output MSE.
 
     * ``block_forward(x) -> y``: runs the block on one stored input (the runner binds attention mask,
@@ -299,6 +341,9 @@ def learn_dual_clipping(block_forward: Callable[[torch.Tensor], torch.Tensor], n
       fake-quant (forward hooks, removed on return).
     * ``inputs`` / ``targets``: block inputs (quantized path) and float block outputs, one batch each.
     * ``init``: ``(lower⁰ [C], upper⁰ [C])`` per norm, e.g. from :func:`percentile_init`.
+    * ``consumers`` (optional): per norm, the ``QuantLinear`` layers reading it; they then compute with the
+      weights they will have after the reparameterization and RTN (:func:`quantize_consumers_as_reparameterized`),
+      so the bounds trade activation clipping against the weight error that wide channel ranges cause.
 
     Parameterization ``u = u⁰·2σ(θ_u)``, ``l = l⁰·2σ(θ_l)``, ``θ = 0`` at start (symmetric: one bound
     ``m = max(|l⁰|, |u⁰|)·2σ(θ)``, range ``±m``); straight-through rounding; Adam on θ only (the block's
@@ -327,7 +372,9 @@ def learn_dual_clipping(block_forward: Callable[[torch.Tensor], torch.Tensor], n
 
     optimizer = torch.optim.Adam(params, lr=lr)
     losses = []
-    with fake_quantize_norm_outputs(norms, bounds, bits, symmetric), torch.enable_grad():
+    weights_in_loop = quantize_consumers_as_reparameterized(
+        consumers or {}, lambda name: channel_qparams(*bounds(name), bits, symmetric))
+    with fake_quantize_norm_outputs(norms, bounds, bits, symmetric), weights_in_loop, torch.enable_grad():
         with torch.no_grad():
             losses.append(sum(loss_on(x, y).item() for x, y in zip(inputs, targets)) / len(inputs))
         for _ in range(epochs):
