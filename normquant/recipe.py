@@ -88,12 +88,21 @@ def _load_steps() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- scheme
+def _weights_minmax(spec: QuantSpec | None) -> QuantSpec | None:
+    if spec is not None and spec.observer != "minmax":
+        raise ValueError(f"weights take no observer (got '{spec.observer}'); for a searched weight range use "
+                         "the steps rtn: {mse: true} or gptq: {mse: true}")
+    return spec
+
+
 class Override(_Strict):
     """Mixed precision by pattern: modules matching ``pattern`` get these specs (``null`` keeps them float)."""
 
     pattern: str
     weights: QuantSpec | None = None
     input_activations: QuantSpec | None = None
+
+    _check_weights = field_validator("weights")(_weights_minmax)
 
 
 class Scheme(_Strict):
@@ -105,6 +114,8 @@ class Scheme(_Strict):
     weights: QuantSpec | None = None
     input_activations: QuantSpec | None = None
     overrides: list[Override] = []
+
+    _check_weights = field_validator("weights")(_weights_minmax)
 
     @field_validator("targets", "ignore")
     @classmethod

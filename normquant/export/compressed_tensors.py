@@ -149,7 +149,7 @@ def quantization_args(spec: QuantSpec, role: str) -> dict[str, Any]:
         "group_size": spec.group_size,
         "strategy": strategy,
         "dynamic": dynamic,
-        "observer": None if dynamic else "minmax",
+        "observer": None if dynamic else spec.observer,  # metadata: how the range was calibrated
     }
     if not spec.symmetric:
         args["zp_dtype"] = "torch.int8"

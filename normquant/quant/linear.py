@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normquant.calibration.observers import ReservoirObserver
 from normquant.quant.primitives import (
     QuantError,
     check_finite,
@@ -25,15 +26,20 @@ from normquant.quant.primitives import (
     qparams_from_range,
     reduction_view,
 )
+from normquant.quant.search import percentile_init
 from normquant.quant.spec import QuantSpec
+
+PERCENTILE_SAMPLE_VALUES = 2**24  # values kept per quantizer for observer: percentile (64 MiB in float32)
 
 
 class ActivationQuantizer(nn.Module):
     """Fake-quantizes a linear's input ``[..., C]``.
 
     Dynamic specs compute qparams per call. Static specs (``tensor`` or ``channel``) are calibrated: while
-    ``observing`` is true the running min/max is recorded and the input passes unchanged; :meth:`freeze`
-    turns the range into ``scale``/``zero_point`` buffers.
+    ``observing`` is true the input passes unchanged and is recorded — the running min/max, or for
+    ``observer: percentile`` a uniform sample of at most :data:`PERCENTILE_SAMPLE_VALUES` values (whole
+    tokens); :meth:`freeze` turns the range (min-max, or the percentile search of
+    :func:`~normquant.quant.search.percentile_init` on the sample) into ``scale``/``zero_point`` buffers.
     """
 
     def __init__(self, spec: QuantSpec):
@@ -48,6 +54,7 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("zero_point", None)
         self.register_buffer("running_min", None)
         self.register_buffer("running_max", None)
+        self.sample: ReservoirObserver | None = None  # observer: percentile
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -64,6 +71,11 @@ class ActivationQuantizer(nn.Module):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         check_finite(x, "calibration activations")
+        if self.spec.observer == "percentile":
+            if self.sample is None:
+                self.sample = ReservoirObserver(size=max(256, PERCENTILE_SAMPLE_VALUES // x.shape[-1]))
+            self.sample.update(x.detach().float())
+            return
         xv, _ = reduction_view(x.detach().float(), self.spec, channel_axis=-1)
         lo, hi = xv.amin(dim=1, keepdim=True), xv.amax(dim=1, keepdim=True)
         if self.running_min is None:
@@ -74,10 +86,15 @@ class ActivationQuantizer(nn.Module):
 
     @torch.no_grad()
     def freeze(self) -> None:
-        if self.running_min is None:
+        if self.running_min is None and self.sample is None:
             raise QuantError("static activation quantizer saw no calibration data")
+        if self.sample is not None:
+            x = self.sample.compute()["sample"]  # [k, C]
+            x = x.reshape(-1, 1) if self.spec.granularity == "tensor" else x  # per-tensor: all values, one "channel"
+            lo, hi = percentile_init(x, self.spec.bits, symmetric=self.spec.symmetric)  # [1] or [C]
+            self.running_min, self.running_max = lo[:, None], hi[:, None]
         self.scale, self.zero_point = qparams_from_range(self.running_min, self.running_max, self.spec)
-        self.running_min = self.running_max = None
+        self.running_min = self.running_max = self.sample = None
         self.observing = False
 
     def extra_repr(self) -> str:

@@ -25,6 +25,9 @@ class QuantSpec(BaseModel):
       ``token`` (one scale per row of the last dimension, activations).
     * ``dynamic``: activation scales computed on the fly for every forward pass (otherwise calibrated once).
     * ``clip_ratio``: the range is shrunk by this factor before the scale is computed (QuaRot uses 0.9).
+    * ``observer`` (static activations): how calibration picks the range — ``minmax`` (the full observed
+      range) or ``percentile`` (the RepQ-ViT search, METHODS §5.2: of the clips at the 0.999 / 0.9999 /
+      0.99999 quantiles, the one with the lowest fake-quant MSE on the calibration values).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -35,6 +38,7 @@ class QuantSpec(BaseModel):
     group_size: int | None = Field(default=None, gt=0, strict=True)
     dynamic: StrictBool = False
     clip_ratio: float = Field(default=1.0, gt=0.0, le=1.0)
+    observer: Literal["minmax", "percentile"] = "minmax"
 
     @model_validator(mode="after")
     def _check(self) -> "QuantSpec":
@@ -42,6 +46,9 @@ class QuantSpec(BaseModel):
             raise ValueError("granularity 'group' needs group_size (e.g. group_size: 64)")
         if self.granularity != "group" and self.group_size is not None:
             raise ValueError(f"group_size is only allowed with granularity 'group' (got granularity '{self.granularity}')")
+        if self.observer != "minmax" and (self.dynamic or self.granularity not in ("tensor", "channel")):
+            raise ValueError(f"observer '{self.observer}' is for static tensor/channel activation quantizers; "
+                             "dynamic and token/group quantizers compute their range from each input")
         return self
 
     @property
