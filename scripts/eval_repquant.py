@@ -7,11 +7,15 @@
 Rows (every linear's input activations quantized, lm_head float; weights RTN symmetric per output channel;
 one calibration set for every row):
   naive-static        static per-tensor asymmetric, min-max calibrated
+  static-pct          static per-tensor asymmetric, range by the percentile search (observer: percentile)
   per-channel-sim     consumers of each norm: static per-channel (RepQuant's learned bounds) on the unchanged
-                      model; other linears as naive
-  repquant            learned dual clipping, reparameterized into the norms -> static per-tensor (s̃, integer z̃)
-  repquant-pct        percentile initialization only (no learning), reparameterized
+                      model; other linears as static-pct
+  repquant            learned dual clipping (weights in the loop), reparameterized into the norms -> static
+                      per-tensor (s̃, integer z̃); other linears as static-pct
+  repquant-pct        percentile initialization only (no learning), reparameterized; other linears as static-pct
   dynamic-token       dynamic per-token symmetric (reference; not a static quantizer)
+The linears no norm feeds (o_proj, down_proj) are per-tensor in every static row; the RepQuant rows and
+static-pct give them the percentile search, so static-pct -> repquant-pct isolates the reparameterization.
 Also an exactness check with float weights, in float64 and float32: the reparameterized per-tensor model vs its
 per-channel simulation (see :func:`exactness`).
 """
@@ -33,14 +37,17 @@ from normquant.quantize import quantize
 from normquant.recipe import parse_recipe
 
 BITS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8)}
+ROW_ORDER = ["naive-static", "static-pct", "per-channel-sim", "repquant", "repquant-pct", "per-channel-pct",
+             "dynamic-token"]
 
 
 def recipe(row: str, wbits: int | None, abits: int, calib: dict, epochs: int, lr: float):
     static = {"bits": abits, "symmetric": False, "granularity": "tensor"}
-    acts = {"bits": abits, "symmetric": True, "granularity": "token", "dynamic": True} if row == "dynamic-token" \
-        else static
+    acts = {"dynamic-token": {"bits": abits, "symmetric": True, "granularity": "token", "dynamic": True},
+            "naive-static": static}.get(row, {**static, "observer": "percentile"})
     steps = {
         "naive-static": [],
+        "static-pct": [],
         "dynamic-token": [],
         "per-channel-sim": [{"repquant": {"mode": "per_channel", "epochs": epochs, "lr": lr}}],
         "repquant": [{"repquant": {"mode": "reparameterize", "epochs": epochs, "lr": lr}}],
@@ -100,6 +107,8 @@ def main() -> None:
     ap.add_argument("--float-from", help="reuse the float record of an earlier output JSON (same windows)")
     ap.add_argument("--skip-exactness", action="store_true")
     ap.add_argument("--exactness-only", action="store_true", help="only (re)measure the exactness entry of --out")
+    ap.add_argument("--append", action="store_true",
+                    help="add the rows to --out (replacing rows with the same bits and row; the calibration must match)")
     args = ap.parse_args()
     model, tok = load_model("smollm2-135m")
     ids = tokenize_eval(tok, "wikitext2", "test", args.data_dir)
@@ -116,7 +125,13 @@ def main() -> None:
         write_json(f"{args.out}.json", old)
         Path(f"{args.out}.md").write_text(markdown(old))
         return
-    if args.float_from:
+    if args.append:
+        old = json.loads(Path(f"{args.out}.json").read_text())
+        if old["calibration"] != out["calibration"] or old["float"]["windows"] != args.windows:
+            raise SystemExit(f"--append: {args.out}.json has calibration {old['calibration']} and "
+                             f"{old['float']['windows']} windows; this run {out['calibration']}, {args.windows}")
+        out["float"] = old["float"]
+    elif args.float_from:
         out["float"] = reused_float_record(args.float_from, args.windows, 2048)
     else:
         out["float"] = perplexity_record("smollm2-135m", "wikitext2", "test",
@@ -131,10 +146,13 @@ def main() -> None:
             m = quantize(copy.deepcopy(model), r, calib, progress=False)
             seconds = time.perf_counter() - t0
             res = evaluate_perplexity(m, ids, seqlen=2048, windows=args.windows)
-            out["rows"].append({"bits": bits, "row": row, "ppl": res.ppl, "quantize_seconds": seconds,
-                                "recipe": r.to_dict(), "record": perplexity_record("smollm2-135m", "wikitext2",
-                                                                                     "test", res)})
+            entry = {"bits": bits, "row": row, "ppl": res.ppl, "quantize_seconds": seconds,
+                     "commit": out["environment"]["git_commit"], "recipe": r.to_dict(),
+                     "record": perplexity_record("smollm2-135m", "wikitext2", "test", res)}
             print(f"{bits} {row}: {res.ppl:.3f} ({seconds:.0f}s)")
+            if args.append:  # re-read: another run may have added rows meanwhile
+                out = json.loads(Path(f"{args.out}.json").read_text())
+            out["rows"] = [e for e in out["rows"] if (e["bits"], e["row"]) != (bits, row)] + [entry]
             write_json(f"{args.out}.json", out)
             Path(f"{args.out}.md").write_text(markdown(out))
 
@@ -154,8 +172,8 @@ def markdown(out: dict) -> str:
                   f"{e['max_abs_logit_diff']:.3e}, "
                   f"mean {e['mean_abs_logit_diff']:.3e}, argmax agreement {e['argmax_agreement']:.3f} "
                   f"(logits up to {e['logit_scale']:.1f}).", ""]
-    bits = list(dict.fromkeys(r["bits"] for r in out["rows"]))
-    rows = list(dict.fromkeys(r["row"] for r in out["rows"]))
+    bits = [b for b in BITS if any(r["bits"] == b for r in out["rows"])]
+    rows = sorted(dict.fromkeys(r["row"] for r in out["rows"]), key=lambda r: ROW_ORDER.index(r) if r in ROW_ORDER else 99)
     lines += ["| row | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits)]
     for row in rows:
         cells = [next((f"{r['ppl']:.3f}" for r in out["rows"] if r["bits"] == b and r["row"] == row), "") for b in bits]
