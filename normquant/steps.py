@@ -18,7 +18,7 @@ from normquant.quant.primitives import reduction_view
 from normquant.quant.spec import QuantSpec
 from normquant.recipe import RecipeError, Step, register_step
 from normquant.transforms.repquant import (channel_qparams, install_input_quantizers, learn_dual_clipping,
-                                           percentile_init, reparameterize_block)
+                                           percentile_init, reparameterize_block, search_range_floor)
 
 
 @register_step
@@ -86,7 +86,10 @@ class RepQuant(Step):
     the RepQ-ViT percentile search, optionally learn dual clipping (block-output MSE, Adam; [NQ] defaults
     lr 5e-3, 20 epochs; with ``weights_in_loop`` (default) the consumers compute with the RTN weights they
     will have after the reparameterization, so the bounds also pay for the weight error a wide channel
-    range causes — the paper's "quantized weight reconstruction", whose details are UNVERIFIED), then either fold the channel scales into the norm and its consumers and install
+    range causes — the paper's "quantized weight reconstruction", whose details are UNVERIFIED); before it,
+    ``range_floor`` [NQ, not in the paper] picks per norm the floor ``rho`` that widens narrow channels to
+    ``rho``× the widest (grid 0 … 1, block-output MSE with the same weights in the loop), bounding the weight
+    column factors ``r1`` by ``1/rho``; then either fold the channel scales into the norm and its consumers and install
     one per-tensor quantizer ``(s̃, integer z̃)`` on the consumers (``mode: reparameterize``), or install the
     per-channel quantizers on the unchanged model (``mode: per_channel``, the simulation the
     reparameterization must reproduce). Bits and symmetry come from the consumers' ``input_activations``
@@ -100,6 +103,7 @@ class RepQuant(Step):
     percentiles: list[float] = [0.999, 0.9999, 0.99999]
     learn_clipping: bool = True
     weights_in_loop: bool = True
+    range_floor: bool = True
     lr: float = Field(5e-3, gt=0)
     epochs: int = Field(20, ge=1)
     sample_rows: int = Field(65536, gt=0)
@@ -120,15 +124,20 @@ class RepQuant(Step):
                 observers[n].update(x)
         bounds = {m.norm: percentile_init(observers[m.norm].compute()["sample"], specs[m.norm].bits,
                                           tuple(self.percentiles), specs[m.norm].symmetric) for m in maps}
-        if self.learn_clipping:
+        if self.learn_clipping or self.range_floor:
             bits = {specs[m.norm].bits for m in maps}
             sym = {specs[m.norm].symmetric for m in maps}
             if len(bits) > 1 or len(sym) > 1:
-                raise RecipeError("repquant learns all norms of a block together: give their consumers one input spec")
+                raise RecipeError("repquant tunes all norms of a block together: give their consumers one input spec")
+            bits, sym = bits.pop(), sym.pop()
             norms = {m.norm: ctx.model.get_submodule(m.norm) for m in maps}
-            bounds = learn_dual_clipping(ctx.forward, norms, list(ctx.batches()), targets, bounds, bits.pop(),
-                                         symmetric=sym.pop(), lr=self.lr, epochs=self.epochs,
-                                         consumers=consumers if self.weights_in_loop else None).bounds
+            inputs = list(ctx.batches())
+            in_loop = {n: cs for n, cs in consumers.items() if n in norms} if self.weights_in_loop else {}
+            if self.range_floor:
+                bounds, _ = search_range_floor(ctx.forward, norms, in_loop, inputs, targets, bounds, bits, symmetric=sym)
+            if self.learn_clipping:
+                bounds = learn_dual_clipping(ctx.forward, norms, inputs, targets, bounds, bits, symmetric=sym,
+                                             lr=self.lr, epochs=self.epochs, consumers=in_loop).bounds
         qparams = {n: channel_qparams(lo, hi, specs[n].bits, specs[n].symmetric) for n, (lo, hi) in bounds.items()}
         if self.mode == "reparameterize":
             reps = reparameterize_block(ctx.model, ctx.index, qparams)

@@ -305,6 +305,52 @@ def learn_dual_clipping(block_forward: Callable[[torch.Tensor], torch.Tensor], n
         return ClippingResult({n: tuple(b.detach().clone() for b in bounds(n)) for n in norms}, losses)
 
 
+def floor_bounds(bounds: Bounds, rho: float, symmetric: bool = False) -> Bounds:
+    """Widen every channel's range to at least ``rho`` times the widest one (about its centre; symmetric:
+    ``±max(m_c, rho·max m)``). Nothing is clipped that was not before; narrow channels get coarser steps and
+    the reparameterization's factors ``r1 = s/s̃`` span at most ``1/rho`` (``rho = 1``: one range for all
+    channels, i.e. plain per-tensor; ``rho = 0``: unchanged)."""
+    lower, upper = bounds
+    if symmetric:
+        m = torch.maximum(lower.abs(), upper.abs())
+        m = torch.maximum(m, rho * m.max())
+        return -m, m
+    width, centre = upper - lower, (upper + lower) / 2
+    half = torch.maximum(width, rho * width.max()) / 2
+    return centre - half, centre + half
+
+
+def search_range_floor(block_forward: Callable[[torch.Tensor], torch.Tensor], norms: Mapping[str, nn.Module],
+                       consumers: Mapping[str, Sequence[nn.Module]], inputs: Sequence[torch.Tensor],
+                       targets: Sequence[torch.Tensor], init: Mapping[str, Bounds], bits: int, *,
+                       symmetric: bool = False, grid: Sequence[float] = (0.0, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
+                       ) -> tuple[dict[str, Bounds], dict[str, float]]:
+    """[NQ] Per norm, the range floor ``rho`` (:func:`floor_bounds`) from ``grid`` with the lowest block-output
+    MSE, the consumers computing with their post-reparameterization RTN weights
+    (:func:`quantize_consumers_as_reparameterized`). Norms are searched one after the other (coordinate
+    descent from ``rho = 0``). Why: the reparameterization scales weight column c by ``r1_c``, so at 4-bit
+    per-row weights a channel range 10× the mean costs the whole row its resolution; a floor trades
+    activation resolution of the narrow channels for weight resolution. Returns the bounds and the chosen
+    ``rho`` per norm."""
+    rho = {n: 0.0 for n in norms}
+
+    def mse(candidate: Mapping[str, float]) -> float:
+        bounds = {n: floor_bounds(init[n], candidate[n], symmetric) for n in norms}
+        qparams = {n: channel_qparams(*bounds[n], bits, symmetric) for n in norms}
+        with torch.no_grad(), fake_quantize_norm_outputs(norms, lambda n: bounds[n], bits, symmetric), \
+                quantize_consumers_as_reparameterized(consumers, lambda n: qparams[n]):
+            total = 0.0
+            for x, y in zip(inputs, targets):
+                out = block_forward(x)
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                total += F.mse_loss(out.float(), y.to(out.device).float()).item()
+        return total / len(inputs)
+
+    for name in norms:
+        rho[name] = min(grid, key=lambda r: mse({**rho, name: r}))
+    return {n: floor_bounds(init[n], rho[n], symmetric) for n in norms}, rho
+
+
 # --------------------------------------------------------------------------------------------------
 # log√2 quantizer for attention probabilities, and its bit-shift (log2) form (METHODS §1.5)
 
