@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from normquant.algorithms.gptq import HessianAccumulator, gptq_quantize, mse_clip_qparams
 from normquant.calibration.observers import make_observer, observe_modules
@@ -107,6 +107,11 @@ class RepQuant(Step):
     lr: float = Field(5e-3, gt=0)
     epochs: int = Field(20, ge=1)
     sample_rows: int = Field(65536, gt=0)
+    _report: dict = PrivateAttr(default_factory=dict)  # per norm: chosen rho, clipping losses (for eval records)
+
+    @property
+    def report(self) -> dict:
+        return self._report
 
     def apply_block(self, ctx) -> None:
         maps = block_mappings(ctx.model, ctx.index, ctx.arch)
@@ -132,12 +137,18 @@ class RepQuant(Step):
             bits, sym = bits.pop(), sym.pop()
             norms = {m.norm: ctx.model.get_submodule(m.norm) for m in maps}
             inputs = list(ctx.batches())
-            in_loop = {n: cs for n, cs in consumers.items() if n in norms} if self.weights_in_loop else {}
+            # per_channel mode keeps the original weights, so the reparameterized ones have no place in its loop
+            in_loop = {n: cs for n, cs in consumers.items() if n in norms} \
+                if self.weights_in_loop and self.mode == "reparameterize" else {}
             if self.range_floor:
-                bounds, _ = search_range_floor(ctx.forward, norms, in_loop, inputs, targets, bounds, bits, symmetric=sym)
+                bounds, rho = search_range_floor(ctx.forward, norms, in_loop, inputs, targets, bounds, bits, symmetric=sym)
+                self._report.update({n: {"rho": r} for n, r in rho.items()})
             if self.learn_clipping:
-                bounds = learn_dual_clipping(ctx.forward, norms, inputs, targets, bounds, bits, symmetric=sym,
-                                             lr=self.lr, epochs=self.epochs, consumers=in_loop).bounds
+                result = learn_dual_clipping(ctx.forward, norms, inputs, targets, bounds, bits, symmetric=sym,
+                                             lr=self.lr, epochs=self.epochs, consumers=in_loop)
+                bounds = result.bounds
+                for n in norms:
+                    self._report.setdefault(n, {})["clipping_losses"] = result.losses
         qparams = {n: channel_qparams(lo, hi, specs[n].bits, specs[n].symmetric) for n, (lo, hi) in bounds.items()}
         if self.mode == "reparameterize":
             reps = reparameterize_block(ctx.model, ctx.index, qparams)

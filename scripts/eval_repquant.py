@@ -5,17 +5,17 @@
     python scripts/eval_repquant.py ... --exactness-only   # (re)measure only the exactness entry of --out
 
 Rows (every linear's input activations quantized, lm_head float; weights RTN symmetric per output channel;
-one calibration set for every row):
-  naive-static        static per-tensor asymmetric, min-max calibrated
-  static-pct          static per-tensor asymmetric, range by the percentile search (observer: percentile)
-  per-channel-sim     consumers of each norm: static per-channel (RepQuant's learned bounds) on the unchanged
-                      model; other linears as static-pct
-  repquant            learned dual clipping (weights in the loop), reparameterized into the norms -> static
-                      per-tensor (s̃, integer z̃); other linears as static-pct
-  repquant-pct        percentile initialization only (no learning), reparameterized; other linears as static-pct
+one calibration set for every row; the linears no norm feeds — o_proj, down_proj — get static per-tensor
+min-max in every static row, so the rows differ only at the norm consumers q/k/v, gate/up):
+  naive-static        static per-tensor asymmetric, min-max
+  per-channel-sim     static per-channel, percentile-searched bounds, on the unchanged model (weights quantized
+                      on the original W): what a per-channel kernel would give
+  repquant            percentile init, range floor, learned dual clipping (weights in the loop),
+                      reparameterized into the norms -> static per-tensor (s̃, integer z̃)
+  repquant-floor      as repquant without the learning (the "percentile-only" row for learned vs not)
+  repquant-pct        percentile init only (no floor, no learning), reparameterized
   dynamic-token       dynamic per-token symmetric (reference; not a static quantizer)
-The linears no norm feeds (o_proj, down_proj) are per-tensor in every static row; the RepQuant rows and
-static-pct give them the percentile search, so static-pct -> repquant-pct isolates the reparameterization.
+  static-pct          (not run by default) static per-tensor with the percentile search everywhere
 Also an exactness check with float weights, in float64 and float32: the reparameterized per-tensor model vs its
 per-channel simulation (see :func:`exactness`).
 """
@@ -37,22 +37,23 @@ from normquant.quantize import quantize
 from normquant.recipe import parse_recipe
 
 BITS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8)}
-ROW_ORDER = ["naive-static", "static-pct", "per-channel-sim", "repquant", "repquant-pct", "per-channel-pct",
+ROW_ORDER = ["naive-static", "static-pct", "per-channel-sim", "repquant", "repquant-floor", "repquant-pct",
              "dynamic-token"]
 
 
 def recipe(row: str, wbits: int | None, abits: int, calib: dict, epochs: int, lr: float):
     static = {"bits": abits, "symmetric": False, "granularity": "tensor"}
     acts = {"dynamic-token": {"bits": abits, "symmetric": True, "granularity": "token", "dynamic": True},
-            "naive-static": static}.get(row, {**static, "observer": "percentile"})
+            "static-pct": {**static, "observer": "percentile"}}.get(row, static)
+    pct = {"learn_clipping": False, "range_floor": False}
     steps = {
         "naive-static": [],
         "static-pct": [],
         "dynamic-token": [],
-        "per-channel-sim": [{"repquant": {"mode": "per_channel", "epochs": epochs, "lr": lr}}],
+        "per-channel-sim": [{"repquant": {"mode": "per_channel", **pct}}],
         "repquant": [{"repquant": {"mode": "reparameterize", "epochs": epochs, "lr": lr}}],
-        "repquant-pct": [{"repquant": {"mode": "reparameterize", "learn_clipping": False}}],
-        "per-channel-pct": [{"repquant": {"mode": "per_channel", "learn_clipping": False}}],
+        "repquant-floor": [{"repquant": {"mode": "reparameterize", "learn_clipping": False}}],
+        "repquant-pct": [{"repquant": {"mode": "reparameterize", **pct}}],
     }[row]
     scheme = {"ignore": ["lm_head"], "input_activations": acts}
     if wbits:
@@ -71,14 +72,14 @@ def exactness(model, calib, probe, calib_cfg: dict, dtype: str) -> dict:
     """
     dt = getattr(torch, dtype)
     hidden, logits = {}, {}
-    for row in ("per-channel-pct", "repquant-pct"):
+    for row in ("per-channel-sim", "repquant-pct"):
         m = quantize(copy.deepcopy(model).to(dt), recipe(row, None, 6, calib_cfg, 0, 5e-3), calib, progress=False)
         with torch.no_grad():
             out = m(probe, output_hidden_states=True)
         hidden[row] = [h.double() for h in out.hidden_states[1:]]  # per block: [1, L, C]
         logits[row] = out.logits.double()  # [1, L, V]
-    per_block = [(a - b).abs().max().item() for a, b in zip(hidden["per-channel-pct"], hidden["repquant-pct"])]
-    a, b = logits["per-channel-pct"], logits["repquant-pct"]
+    per_block = [(a - b).abs().max().item() for a, b in zip(hidden["per-channel-sim"], hidden["repquant-pct"])]
+    a, b = logits["per-channel-sim"], logits["repquant-pct"]
     d = (a - b).abs()
     res = {"dtype": dtype, "identical_blocks": next((i for i, v in enumerate(per_block) if v > 0), len(per_block)),
            "blocks": len(per_block), "max_abs_diff_per_block": per_block,
@@ -96,8 +97,8 @@ def main() -> None:
     ap.add_argument("--data-dir")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--bits", nargs="+", default=list(BITS))
-    ap.add_argument("--rows", nargs="+", default=["naive-static", "per-channel-sim", "repquant", "repquant-pct",
-                                                   "dynamic-token"])
+    ap.add_argument("--rows", nargs="+", default=["naive-static", "per-channel-sim", "repquant", "repquant-floor",
+                                                   "repquant-pct", "dynamic-token"])
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seqlen", type=int, default=1024)
     ap.add_argument("--calib-batch", type=int, default=4, help="samples per batch (per Adam step of the clipping)")
@@ -148,6 +149,7 @@ def main() -> None:
             res = evaluate_perplexity(m, ids, seqlen=2048, windows=args.windows)
             entry = {"bits": bits, "row": row, "ppl": res.ppl, "quantize_seconds": seconds,
                      "commit": out["environment"]["git_commit"], "recipe": r.to_dict(),
+                     "repquant": next((s.report for s in r.steps if s.name == "repquant"), None),
                      "record": perplexity_record("smollm2-135m", "wikitext2", "test", res)}
             print(f"{bits} {row}: {res.ppl:.3f} ({seconds:.0f}s)")
             if args.append:  # re-read: another run may have added rows meanwhile
