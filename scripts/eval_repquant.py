@@ -32,9 +32,11 @@ import torch
 from normquant.data.text import calibration_samples, tokenize_eval
 from normquant.evaluation.perplexity import evaluate_perplexity
 from normquant.evaluation.records import environment, perplexity_record, reused_float_record, write_json
+from normquant.models.arch import block_mappings, get_blocks
 from normquant.models.loading import load_model
 from normquant.quantize import quantize
 from normquant.recipe import parse_recipe
+from normquant.transforms.repquant import install_input_quantizers, reparameterize_block
 
 BITS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8)}
 ROW_ORDER = ["naive-static", "static-pct", "per-channel-sim", "repquant", "repquant-floor", "repquant-pct",
@@ -62,33 +64,64 @@ def recipe(row: str, wbits: int | None, abits: int, calib: dict, epochs: int, lr
 
 
 def exactness(model, calib, probe, calib_cfg: dict, dtype: str) -> dict:
-    """Float weights, A6, percentile bounds: the reparameterized per-tensor model vs the per-channel simulation,
-    compared block by block (hidden states) and at the logits.
+    """Float weights, A6 on every linear input: the per-channel model (percentile bounds) and the model
+    reparameterized *from it* — same per-channel (s, z) folded into the norms, same o_proj/down_proj
+    quantizers — so nothing is calibrated twice. Two comparisons on ``probe``:
 
-    Each block reproduces its simulation up to floating-point rounding of ``W·diag(r)`` products (~1e-15 in
-    float64). But each model is quantized by its own calibration pass, so a value that lands on a bin edge
-    can round differently once those last bits differ; at 6 bits on every linear one such flip then grows
-    through the remaining depth. ``identical_blocks`` counts the leading blocks whose outputs are bit-identical.
+    * per block, both fed the same input (the per-channel model's): max |Δ| of the block output, and how many
+      output values differ by more than 1e-6 (a value on a bin edge that rounds the other way);
+    * the whole model: leading blocks whose outputs are bit-identical, and the logits.
     """
     dt = getattr(torch, dtype)
-    hidden, logits = {}, {}
-    for row in ("per-channel-sim", "repquant-pct"):
-        m = quantize(copy.deepcopy(model).to(dt), recipe(row, None, 6, calib_cfg, 0, 5e-3), calib, progress=False)
-        with torch.no_grad():
-            out = m(probe, output_hidden_states=True)
-        hidden[row] = [h.double() for h in out.hidden_states[1:]]  # per block: [1, L, C]
-        logits[row] = out.logits.double()  # [1, L, V]
-    per_block = [(a - b).abs().max().item() for a, b in zip(hidden["per-channel-sim"], hidden["repquant-pct"])]
-    a, b = logits["per-channel-sim"], logits["repquant-pct"]
-    d = (a - b).abs()
-    res = {"dtype": dtype, "identical_blocks": next((i for i, v in enumerate(per_block) if v > 0), len(per_block)),
-           "blocks": len(per_block), "max_abs_diff_per_block": per_block,
-           "max_abs_logit_diff": d.max().item(), "mean_abs_logit_diff": d.mean().item(),
-           "argmax_agreement": (a.argmax(-1) == b.argmax(-1)).double().mean().item(),
-           "logit_scale": b.abs().max().item(), "probe_tokens": probe.shape[1],
+    pc = quantize(copy.deepcopy(model).to(dt), recipe("per-channel-sim", None, 6, calib_cfg, 0, 5e-3), calib,
+                  progress=False)
+    rep = copy.deepcopy(pc)
+    for i in range(len(get_blocks(rep))):
+        maps = {m.norm: m for m in block_mappings(rep, i)}
+        first = {n: rep.get_submodule(m.consumers[0]).input_quant for n, m in maps.items()}
+        reps = reparameterize_block(rep, i, {n: (q.scale[:, 0], q.zero_point[:, 0]) for n, q in first.items()})
+        for n, r in reps.items():
+            install_input_quantizers([rep.get_submodule(c) for c in maps[n].consumers], r.s_tilde, r.z_tilde, 6)
+
+    def run(m, feed=None):
+        """Block inputs and outputs of one forward (``feed``: replace each block's input)."""
+        ins, outs, hooks = [], [], []
+        for i, block in enumerate(get_blocks(m)):
+            def pre(mod, args, kwargs, i=i):
+                ins.append(args[0].double())
+                return ((feed[i].to(args[0].dtype),) + args[1:], kwargs) if feed is not None else None
+            hooks.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+            hooks.append(block.register_forward_hook(lambda mod, a, o: outs.append((o[0] if isinstance(o, tuple) else o).double())))
+        try:
+            with torch.no_grad():
+                logits = m(probe).logits.double()  # [1, L, V]
+        finally:
+            for h in hooks:
+                h.remove()
+        return ins, outs, logits
+
+    pc_in, pc_out, pc_logits = run(pc)
+    _, fed_out, _ = run(rep, feed=pc_in)
+    per_block = [(a - b).abs().max().item() for a, b in zip(pc_out, fed_out)]
+    flips = [int(((a - b).abs() > 1e-6).sum()) for a, b in zip(pc_out, fed_out)]
+    _, rep_out, rep_logits = run(rep)
+    chained = [(a - b).abs().max().item() for a, b in zip(pc_out, rep_out)]
+    d = (pc_logits - rep_logits).abs()
+    res = {"dtype": dtype, "blocks": len(per_block),
+           "per_block_same_input": {"max_abs_diff": per_block, "values_off_by_more_than_1e-6": flips,
+                                    "max": max(per_block), "blocks_with_a_flip": sum(f > 0 for f in flips)},
+           "whole_model": {"identical_blocks": next((i for i, v in enumerate(chained) if v > 0), len(chained)),
+                           "max_abs_diff_per_block": chained, "max_abs_logit_diff": d.max().item(),
+                           "mean_abs_logit_diff": d.mean().item(),
+                           "argmax_agreement": (pc_logits.argmax(-1) == rep_logits.argmax(-1)).double().mean().item()},
+           "logit_scale": pc_logits.abs().max().item(), "block_output_scale": max(o.abs().max().item() for o in pc_out),
+           "probe_tokens": probe.shape[1],
            "calibration": f"c4/validation {calib.shape[0]}x{calib.shape[1]} seed {calib_cfg['seed']}"}
-    print(f"exactness {dtype}: {res['identical_blocks']}/{res['blocks']} leading blocks bit-identical; "
-          f"logits max |Δ| {res['max_abs_logit_diff']:.3e}, argmax agreement {res['argmax_agreement']:.3f}", flush=True)
+    w = res["whole_model"]
+    print(f"exactness {dtype}: per block (same input) max |Δ| {max(per_block):.3e}, blocks with a flip "
+          f"{res['per_block_same_input']['blocks_with_a_flip']}/{len(per_block)}; whole model {w['identical_blocks']} "
+          f"leading blocks identical, logits max |Δ| {w['max_abs_logit_diff']:.3e}, argmax agreement "
+          f"{w['argmax_agreement']:.3f}", flush=True)
     return res
 
 
@@ -168,12 +201,14 @@ def markdown(out: dict) -> str:
     for e in (out["exactness"] or {}).values():
         if not isinstance(e, dict):
             continue
-        lines += [f"Exactness ({e['dtype']}; A6, float weights, percentile bounds, first {e['probe_tokens']} test tokens, "
-                  f"calibration {e['calibration']}): reparameterized per-tensor vs per-channel simulation: "
-                  f"{e['identical_blocks']} of {e['blocks']} leading blocks bit-identical; max |Δlogit| "
-                  f"{e['max_abs_logit_diff']:.3e}, "
-                  f"mean {e['mean_abs_logit_diff']:.3e}, argmax agreement {e['argmax_agreement']:.3f} "
-                  f"(logits up to {e['logit_scale']:.1f}).", ""]
+        pb, w = e["per_block_same_input"], e["whole_model"]
+        lines += [f"Exactness ({e['dtype']}; A6 on every linear input, float weights, percentile bounds, the "
+                  f"reparameterized model derived from the per-channel one, first {e['probe_tokens']} test tokens, "
+                  f"calibration {e['calibration']}): each block fed the same input: max |Δ| {pb['max']:.3e} "
+                  f"(block outputs up to {e['block_output_scale']:.1f}), {pb['blocks_with_a_flip']} of {e['blocks']} "
+                  f"blocks with a value off by > 1e-6; whole model: {w['identical_blocks']} leading blocks "
+                  f"bit-identical, max |Δlogit| {w['max_abs_logit_diff']:.3e}, argmax agreement "
+                  f"{w['argmax_agreement']:.3f} (logits up to {e['logit_scale']:.1f}).", ""]
     bits = [b for b in BITS if any(r["bits"] == b for r in out["rows"])]
     rows = sorted(dict.fromkeys(r["row"] for r in out["rows"]), key=lambda r: ROW_ORDER.index(r) if r in ROW_ORDER else 99)
     lines += ["| row | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits)]
