@@ -6,7 +6,9 @@
 
 Rows (every linear's input activations quantized, lm_head float; weights RTN symmetric per output channel;
 one calibration set for every row; the linears no norm feeds — o_proj, down_proj — get static per-tensor
-min-max in every static row, so the rows differ only at the norm consumers q/k/v, gate/up):
+quantizers calibrated by ``--others`` (min-max by default) in the per-channel and RepQuant rows, so those rows
+differ from naive-static (``--others minmax``) or static-pct (``--others percentile``) only at the norm
+consumers q/k/v, gate/up):
   naive-static        static per-tensor asymmetric, min-max
   per-channel-sim     static per-channel, percentile-searched bounds, on the unchanged model (weights quantized
                       on the original W): what a per-channel kernel would give
@@ -43,10 +45,12 @@ ROW_ORDER = ["naive-static", "static-pct", "per-channel-sim", "repquant", "repqu
              "dynamic-token"]
 
 
-def recipe(row: str, wbits: int | None, abits: int, calib: dict, epochs: int, lr: float):
+def recipe(row: str, wbits: int | None, abits: int, calib: dict, epochs: int, lr: float, others: str = "minmax"):
+    """``others``: the observer of the static per-tensor quantizers RepQuant does not set (o_proj, down_proj)."""
     static = {"bits": abits, "symmetric": False, "granularity": "tensor"}
     acts = {"dynamic-token": {"bits": abits, "symmetric": True, "granularity": "token", "dynamic": True},
-            "static-pct": {**static, "observer": "percentile"}}.get(row, static)
+            "naive-static": static,
+            "static-pct": {**static, "observer": "percentile"}}.get(row, {**static, "observer": others})
     pct = {"learn_clipping": False, "range_floor": False}
     steps = {
         "naive-static": [],
@@ -141,6 +145,9 @@ def main() -> None:
     ap.add_argument("--float-from", help="reuse the float record of an earlier output JSON (same windows)")
     ap.add_argument("--skip-exactness", action="store_true")
     ap.add_argument("--exactness-only", action="store_true", help="only (re)measure the exactness entry of --out")
+    ap.add_argument("--others", choices=["minmax", "percentile"], default="minmax",
+                    help="observer of the per-tensor quantizers on the linears no norm feeds, in the RepQuant and "
+                         "per-channel rows (naive-static is always min-max, static-pct always percentile)")
     ap.add_argument("--append", action="store_true",
                     help="add the rows to --out (replacing rows with the same bits and row; the calibration must match)")
     args = ap.parse_args()
@@ -150,7 +157,8 @@ def main() -> None:
     calib = calibration_samples(tok, "c4", "validation", n=args.calib_samples, seqlen=args.calib_seqlen, seed=0,
                                 data_dir=args.data_dir)
     out = {"model": "smollm2-135m", "environment": environment(), "calibration": {"dataset": "c4/validation",
-           **calib_cfg}, "clipping": {"epochs": args.epochs, "lr": args.lr}, "rows": [], "exactness": None}
+           **calib_cfg}, "clipping": {"epochs": args.epochs, "lr": args.lr}, "others": args.others, "rows": [],
+           "exactness": None}
     if not args.skip_exactness:
         out["exactness"] = {dt: exactness(model, calib, ids[:, :2048], calib_cfg, dt) for dt in ("float64", "float32")}
     if args.exactness_only:  # refresh the exactness entry of an existing result
@@ -175,7 +183,7 @@ def main() -> None:
     for bits in args.bits:
         wb, ab = BITS[bits]
         for row in args.rows:
-            r = recipe(row, wb, ab, calib_cfg, args.epochs, args.lr)
+            r = recipe(row, wb, ab, calib_cfg, args.epochs, args.lr, args.others)
             t0 = time.perf_counter()
             m = quantize(copy.deepcopy(model), r, calib, progress=False)
             seconds = time.perf_counter() - t0
@@ -196,8 +204,10 @@ def markdown(out: dict) -> str:
     f = out["float"]
     c = out["calibration"]
     lines = [f"SmolLM2-135M, {f['protocol']}; calibration {c['dataset']} {c['samples']}×{c['seqlen']} seed "
-             f"{c['seed']} (same set for every row); clipping {out['clipping']}; commit "
-             f"`{out['environment']['git_commit']}`.", "", f"Float ppl {f['ppl']:.3f}.", ""]
+             f"{c['seed']} (same set for every row); o_proj/down_proj inputs in the per-channel and RepQuant rows: "
+             f"{out.get('others', 'minmax')}; clipping {out['clipping']}; commits "
+             f"{', '.join(sorted({r.get('commit', out['environment']['git_commit']) for r in out['rows']}))} "
+             "(per row in the JSON).", "", f"Float ppl {f['ppl']:.3f}.", ""]
     for e in (out["exactness"] or {}).values():
         if not isinstance(e, dict):
             continue
