@@ -200,12 +200,19 @@ def main() -> None:
             Path(f"{args.out}.md").write_text(markdown(out))
 
 
+def _clipping(out: dict) -> str:
+    """The (epochs, lr) of the rows that learned their clipping, from their recipes."""
+    runs = {(s["repquant"]["epochs"], s["repquant"]["lr"]) for r in out["rows"] for s in r["recipe"]["steps"]
+            if "repquant" in s and s["repquant"].get("learn_clipping", True)}
+    return ", ".join(f"{e} epochs lr {lr:g}" for e, lr in sorted(runs)) or "none"
+
+
 def markdown(out: dict) -> str:
     f = out["float"]
     c = out["calibration"]
     lines = [f"SmolLM2-135M, {f['protocol']}; calibration {c['dataset']} {c['samples']}×{c['seqlen']} seed "
              f"{c['seed']} (same set for every row); o_proj/down_proj inputs in the per-channel and RepQuant rows: "
-             f"{out.get('others', 'minmax')}; clipping {out['clipping']}; commits "
+             f"{out.get('others', 'minmax')}; learned clipping {_clipping(out)}; commits "
              f"{', '.join(sorted({r.get('commit', out['environment']['git_commit']) for r in out['rows']}))} "
              "(per row in the JSON).", "", f"Float ppl {f['ppl']:.3f}.", ""]
     for e in (out["exactness"] or {}).values():
