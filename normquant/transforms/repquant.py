@@ -21,10 +21,13 @@ before any weight quantization of the block::
                          where="output") as obs, torch.no_grad():
         targets = [ctx.forward(x) for x in ctx.batches()]           # float block outputs
     init = {m.norm: percentile_init(obs[m.norm][0].compute()["sample"], bits, symmetric=sym) for m in maps}
+    norms = {m.norm: ctx.model.get_submodule(m.norm) for m in maps}
+    consumers = {m.norm: [ctx.model.get_submodule(c) for c in m.consumers] for m in maps}
+    init, rho = search_range_floor(ctx.forward, norms, consumers, list(ctx.batches()), targets, init, bits,
+                                   symmetric=sym)                    # [NQ] floor on narrow channels
     if learn:                                                        # optional dual clipping
-        norms = {m.norm: ctx.model.get_submodule(m.norm) for m in maps}
         init = learn_dual_clipping(ctx.forward, norms, list(ctx.batches()), targets, init, bits,
-                                   symmetric=sym).bounds
+                                   symmetric=sym, consumers=consumers).bounds   # RTN weights in the loop
     reps = reparameterize_block(ctx.model, ctx.index,
                                 {n: channel_qparams(lo, hi, bits, sym) for n, (lo, hi) in init.items()})
     for m in maps:                                                   # consumers wrapped as QuantLinear
