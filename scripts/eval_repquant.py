@@ -167,6 +167,7 @@ def main() -> None:
         write_json(f"{args.out}.json", old)
         Path(f"{args.out}.md").write_text(markdown(old))
         return
+    commit = out["environment"]["git_commit"]  # this run's (with --append, out is re-read from the file)
     if args.append:
         old = json.loads(Path(f"{args.out}.json").read_text())
         if old["calibration"] != out["calibration"] or old["float"]["windows"] != args.windows:
@@ -189,7 +190,7 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             res = evaluate_perplexity(m, ids, seqlen=2048, windows=args.windows)
             entry = {"bits": bits, "row": row, "ppl": res.ppl, "quantize_seconds": seconds,
-                     "commit": out["environment"]["git_commit"], "recipe": r.to_dict(),
+                     "commit": commit, "recipe": r.to_dict(),
                      "repquant": next((s.report for s in r.steps if s.name == "repquant"), None),
                      "record": perplexity_record("smollm2-135m", "wikitext2", "test", res)}
             print(f"{bits} {row}: {res.ppl:.3f} ({seconds:.0f}s)")
