@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from normquant.algorithms.gptq import HessianAccumulator, gptq_quantize, mse_clip_qparams
 from normquant.calibration.observers import make_observer, observe_modules
@@ -171,9 +171,6 @@ def _static_input_spec(norm: str, consumers) -> QuantSpec | None:
 
 
 # ---------------------------------------------------------------------------------------------- norm tweaking
-from typing import Literal  # noqa: E402, F811  (imports of the NormTweak step, kept with it)
-
-from pydantic import field_validator, model_validator  # noqa: E402
 
 
 @register_step
