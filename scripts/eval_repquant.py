@@ -157,7 +157,7 @@ def main() -> None:
     calib = calibration_samples(tok, "c4", "validation", n=args.calib_samples, seqlen=args.calib_seqlen, seed=0,
                                 data_dir=args.data_dir)
     out = {"model": "smollm2-135m", "environment": environment(), "calibration": {"dataset": "c4/validation",
-           **calib_cfg}, "clipping": {"epochs": args.epochs, "lr": args.lr}, "others": args.others, "rows": [],
+           **calib_cfg}, "others": args.others, "rows": [],
            "exactness": None}
     if not args.skip_exactness:
         out["exactness"] = {dt: exactness(model, calib, ids[:, :2048], calib_cfg, dt) for dt in ("float64", "float32")}

@@ -237,6 +237,14 @@ def quantize_consumers_as_reparameterized(consumers: Mapping[str, Sequence[nn.Mo
             del linear.forward
 
 
+def block_output_mse(block_forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                     y: torch.Tensor) -> torch.Tensor:
+    """MSE between ``block_forward(x)`` (a tuple's first element) and the float target ``y``, in float32."""
+    out = block_forward(x)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return F.mse_loss(out.float(), y.to(out.device).float())
+
+
 @dataclass
 class ClippingResult:
     """Learned per-channel bounds per norm; ``losses``: mean block-output MSE at the initial bounds, then the
@@ -283,22 +291,18 @@ def learn_dual_clipping(block_forward: Callable[[torch.Tensor], torch.Tensor], n
         upper = upper0[name] * 2 * torch.sigmoid(theta_u[name])
         return (-upper, upper) if symmetric else (lower0[name] * 2 * torch.sigmoid(theta_l[name]), upper)
 
-    def loss_on(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = block_forward(x)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        return F.mse_loss(out.float(), y.to(out.device).float())
-
     optimizer = torch.optim.Adam(params, lr=lr)
     losses = []
     weights_in_loop = quantize_consumers_as_reparameterized(
         consumers or {}, lambda name: channel_qparams(*bounds(name), bits, symmetric))
     with fake_quantize_norm_outputs(norms, bounds, bits, symmetric), weights_in_loop, torch.enable_grad():
         with torch.no_grad():
-            losses.append(sum(loss_on(x, y).item() for x, y in zip(inputs, targets)) / len(inputs))
+            losses.append(sum(block_output_mse(block_forward, x, y).item()
+                              for x, y in zip(inputs, targets)) / len(inputs))
         for _ in range(epochs):
             total = 0.0
             for x, y in zip(inputs, targets):
-                loss = loss_on(x, y)
+                loss = block_output_mse(block_forward, x, y)
                 for p, g in zip(params, torch.autograd.grad(loss, params)):  # θ only: no .grad on the block
                     p.grad = g
                 optimizer.step()
@@ -342,12 +346,7 @@ def search_range_floor(block_forward: Callable[[torch.Tensor], torch.Tensor], no
         qparams = {n: channel_qparams(*bounds[n], bits, symmetric) for n in norms}
         with torch.no_grad(), fake_quantize_norm_outputs(norms, lambda n: bounds[n], bits, symmetric), \
                 quantize_consumers_as_reparameterized(consumers, lambda n: qparams[n]):
-            total = 0.0
-            for x, y in zip(inputs, targets):
-                out = block_forward(x)
-                out = out[0] if isinstance(out, (tuple, list)) else out
-                total += F.mse_loss(out.float(), y.to(out.device).float()).item()
-        return total / len(inputs)
+            return sum(block_output_mse(block_forward, x, y).item() for x, y in zip(inputs, targets)) / len(inputs)
 
     for name in norms:
         rho[name] = min(grid, key=lambda r: mse({**rho, name: r}))
