@@ -10,7 +10,7 @@
 __version__ = "0.1.0"
 
 _API = {
-    "quantize": "normquant.quantize",
+    "quantize": "normquant.pipeline.run",
     "load_recipe": "normquant.recipe",
     "Recipe": "normquant.recipe",
     "QuantSpec": "normquant.quant.spec",

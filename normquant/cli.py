@@ -111,7 +111,7 @@ def _table(rows: list[tuple[str, float, float | None]]) -> str:
 
 def cmd_run(args) -> int:
     from normquant.evaluation.records import environment, perplexity_record, write_json
-    from normquant.quantize import quantize
+    from normquant.pipeline.run import quantize
     from normquant.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, _overrides(args))
@@ -180,7 +180,7 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     from normquant.export import export_model
-    from normquant.quantize import quantize
+    from normquant.pipeline.run import quantize
     from normquant.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, _overrides(args))

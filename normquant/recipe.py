@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from normquant.pipeline.step import Step, check_order, discover_steps
 from normquant.quant.spec import QuantSpec
 
 
@@ -37,28 +38,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# ---------------------------------------------------------------------------------------------- steps
-class Step(_Strict):
-    """One recipe step. Fields are its YAML keys; ``apply_block`` runs it on one block (see BlockContext)."""
-
-    name: ClassVar[str]
-    needs_data: ClassVar[bool] = False  # needs calibration inputs (runs inside the sequential block runner)
-
-    def apply_block(self, ctx) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-
-STEPS: dict[str, type[Step]] = {}
-
-
-def register_step(cls: type[Step]) -> type[Step]:
-    STEPS[cls.name] = cls
-    return cls
-
-
 def _parse_step(entry: Any) -> Step:
     """A step is written ``name`` or ``{name: {field: value}}``."""
-    _load_steps()
+    steps = discover_steps()
     if isinstance(entry, Step):
         return entry
     if isinstance(entry, str):
@@ -68,23 +50,19 @@ def _parse_step(entry: Any) -> Step:
         fields = fields or {}
     else:
         raise ValueError(f"a step is a name or a one-key mapping {{name: {{...}}}}, got {entry!r}")
-    if name not in STEPS:
-        raise ValueError(f"unknown step '{name}'{_hint(name, STEPS)}; available: {', '.join(sorted(STEPS))}")
+    if not isinstance(name, str) or name not in steps:
+        raise ValueError(f"unknown step {name!r}{_hint(str(name), steps)}; available: {', '.join(sorted(steps))}")
     try:
-        return STEPS[name].model_validate(fields)
+        return steps[name].model_validate(fields)
     except ValidationError as e:
         msgs = []
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
-                msgs.append(f"unknown key '{key}'{_hint(key, STEPS[name].model_fields)}")
+                msgs.append(f"unknown key '{key}'{_hint(key, steps[name].model_fields)}")
             else:
                 msgs.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
         raise ValueError(f"step '{name}': {'; '.join(msgs)}") from None
-
-
-def _load_steps() -> None:
-    import normquant.steps  # noqa: F401  (registers the built-in steps)
 
 
 # ---------------------------------------------------------------------------------------------- scheme
@@ -200,6 +178,7 @@ class Recipe(_Strict):
     def _weights_or_steps(self) -> "Recipe":
         if self.scheme.weights is None and self.scheme.input_activations is None and not self.scheme.overrides:
             raise ValueError("scheme quantizes nothing: give scheme.weights and/or scheme.input_activations")
+        check_order(self.steps)  # StepError is a ValueError: reported with the recipe's file and line
         return self
 
     @property
@@ -255,8 +234,7 @@ def _valid_keys(loc: tuple) -> list[str]:
             continue
         field = model.model_fields.get(part)
         if field is None:
-            _load_steps()
-            model = STEPS.get(part)
+            model = discover_steps().get(part)
             continue
         ann = field.annotation
         model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),

@@ -23,7 +23,7 @@ from normquant.data.text import tokenize_eval
 from normquant.evaluation.perplexity import cut_windows, evaluate_perplexity
 from normquant.evaluation.records import environment, write_json
 from normquant.models.loading import load_model
-from normquant.quantize import quantize
+from normquant.pipeline.run import quantize
 from normquant.recipe import load_recipe
 
 

@@ -328,7 +328,7 @@ def main() -> None:
                           f"non-overlapping {args.seqlen}-token windows, fp32, CPU, normquant evaluate_perplexity "
                           "for both sides",
             "windows": args.windows,
-            "timing": "wall (and CPU) seconds of the quantization call only (normquant.quantize / "
+            "timing": "wall (and CPU) seconds of the quantization call only (normquant.pipeline.run.quantize / "
                       "llmcompressor.oneshot), model loading and evaluation excluded; sides run one after the "
                       "other in separate processes, " + args.order,
             "memory": "peak RSS (ru_maxrss) of the side's process read right after the quantization call: it "

@@ -29,7 +29,7 @@ def one(layers: int, samples: int, seqlen: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from normquant.quantize import quantize
+    from normquant.pipeline.run import quantize
     from normquant.recipe import parse_recipe
 
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ from normquant.evaluation.perplexity import evaluate_perplexity
 from normquant.evaluation.records import environment, write_json
 from normquant.export import export_model, load_quantized
 from normquant.models.loading import load_model
-from normquant.quantize import quantize
+from normquant.pipeline.run import quantize
 from normquant.recipe import load_recipe
 
 

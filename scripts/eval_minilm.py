@@ -22,7 +22,7 @@ import torch
 from normquant.data.text import calibration_samples
 from normquant.evaluation.records import environment, write_json
 from normquant.models.loading import load_model
-from normquant.quantize import quantize
+from normquant.pipeline.run import quantize
 from normquant.recipe import parse_recipe
 
 

@@ -6,7 +6,7 @@ wins a grid search on held-out C4 text (never the test split); both then measure
 
 Per setting, one calibration set (self-generated, METHODS.md §2.5) for every row; the GPTQ-only row is the same
 recipe with ``epochs: 0``. Selection score: perplexity on ``--heldout-windows`` windows of C4 validation text
-disjoint from the calibration rows (:func:`normquant.algorithms.norm_tweak.heldout_ids`). Only the GPTQ row and
+disjoint from the calibration rows (:func:`normquant.data.text.heldout_ids`). Only the GPTQ row and
 the selected tweak row are evaluated on WikiText-2. Results are rewritten after every row.
 """
 from __future__ import annotations
@@ -16,13 +16,13 @@ import copy
 import time
 from pathlib import Path
 
-from normquant.algorithms.norm_tweak import heldout_ids
+from normquant.data.text import heldout_ids
 from normquant.data.selfgen import generate_calibration
 from normquant.data.text import tokenize_eval
 from normquant.evaluation.perplexity import evaluate_perplexity
 from normquant.evaluation.records import environment, perplexity_record, reused_float_record, write_json
 from normquant.models.loading import load_model
-from normquant.quantize import quantize
+from normquant.pipeline.run import quantize
 from normquant.recipe import parse_recipe
 
 # setting -> weight spec (groups of 64: SmolLM2's 576 = 9 × 64) and input-activation spec (None: float)

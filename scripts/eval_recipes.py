@@ -21,7 +21,7 @@ from normquant.data.text import tokenize_eval
 from normquant.evaluation.perplexity import evaluate_perplexity
 from normquant.evaluation.records import environment, perplexity_record, reused_float_record, write_json
 from normquant.models.loading import load_model
-from normquant.quantize import quantize
+from normquant.pipeline.run import quantize
 from normquant.recipe import load_recipe
 
 

@@ -36,9 +36,9 @@ from normquant.evaluation.perplexity import evaluate_perplexity
 from normquant.evaluation.records import environment, perplexity_record, reused_float_record, write_json
 from normquant.models.arch import block_mappings, get_blocks
 from normquant.models.loading import load_model
-from normquant.quantize import quantize
+from normquant.pipeline.run import quantize
 from normquant.recipe import parse_recipe
-from normquant.transforms.repquant import install_input_quantizers, reparameterize_block
+from normquant.methods.repquant import install_input_quantizers, reparameterize_block
 
 BITS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8)}
 ROW_ORDER = ["naive-static", "static-pct", "per-channel-sim", "repquant", "repquant-floor", "repquant-pct",

@@ -11,7 +11,7 @@ evaluation tensor ``[1, n_tokens]`` (both ``.pt``, shared by the two sides so th
 normquant recipe (a dict) and the llm-compressor GPTQModifier arguments. Each side:
 
 1. loads the float model (transformers ``from_pretrained``, fp32, CPU);
-2. times only the quantization call (``normquant.quantize`` / ``llmcompressor.oneshot``): wall and CPU seconds;
+2. times only the quantization call (``normquant.pipeline.run.quantize`` / ``llmcompressor.oneshot``): wall and CPU seconds;
 3. reads ``ru_maxrss`` right after that call (peak RSS of load + quantization, before evaluation allocates
    its 2048 x 49152 logits) and again at the end;
 4. checks that the quantization is really in the forward path (llm-compressor: every target Linear is
@@ -54,7 +54,7 @@ def load_float(model_dir: str):
 # --------------------------------------------------------------------------------------------------- sides
 def run_normquant(job: dict, model, calib: torch.Tensor) -> tuple[float, float, dict]:
     from normquant.quant.linear import QuantLinear
-    from normquant.quantize import quantize
+    from normquant.pipeline.run import quantize
     from normquant.recipe import parse_recipe
 
     recipe = parse_recipe(job["normquant_recipe"], "bench job")

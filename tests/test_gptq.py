@@ -1,4 +1,4 @@
-"""GPTQ (normquant.algorithms.gptq): error compensation, Hessian accumulation, export-exact qparams, failures.
+"""GPTQ (normquant.methods.gptq): error compensation, Hessian accumulation, export-exact qparams, failures.
 
 Measured values (torch 2.13 CPU) are written next to each tolerance.
 """
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from normquant.algorithms.gptq import HessianAccumulator, gptq_quantize
+from normquant.methods.gptq import HessianAccumulator, gptq_quantize
 from normquant.quant.linear import QuantLinear
 from normquant.quant.primitives import QuantError, choose_qparams, fake_quantize
 from normquant.quant.spec import QuantSpec
@@ -121,7 +121,7 @@ def test_dead_columns_and_singular_hessian(caplog):
     X, W, _ = correlated_layer(tokens=16)  # 16 tokens for 64 inputs: H has rank 16
     X[:, 5] = 0  # an input that is never active
     H = 2 * X.T @ X / X.shape[0]
-    with caplog.at_level(logging.WARNING, logger="normquant.algorithms.gptq"):
+    with caplog.at_level(logging.WARNING, logger="normquant.methods.gptq"):
         res = gptq_quantize(W, H, CH4)
     assert not caplog.records  # the default 1% dampening makes a PSD-singular H invertible
     assert torch.equal(res.weight[:, 5], torch.zeros(32))
@@ -136,7 +136,7 @@ def hessian_with_eigenvalues(*eigenvalues: float) -> torch.Tensor:
 
 def test_indefinite_hessian_recovers_with_more_dampening(caplog):
     H = hessian_with_eigenvalues(100, 1, 1, 1, 1, 1, 1, -5)  # mean(diag) = 12.6: only dampening 1.0 (+12.6) is PD
-    with caplog.at_level(logging.WARNING, logger="normquant.algorithms.gptq"):
+    with caplog.at_level(logging.WARNING, logger="normquant.methods.gptq"):
         res = gptq_quantize(torch.randn(4, 8), H, CH4, layer_name="blk.k")
     assert len(caplog.records) == 2 and "blk.k failed with dampening 0.1; retrying with 1" in caplog.records[1].message
     assert torch.isfinite(res.weight).all() and res.loss > 0
@@ -144,7 +144,7 @@ def test_indefinite_hessian_recovers_with_more_dampening(caplog):
 
 def test_indefinite_hessian_retries_then_names_the_layer(caplog):
     H = hessian_with_eigenvalues(100, 1, 1, 1, 1, 1, 1, -30)  # mean(diag) = 9.5: dampening 1.0 leaves -20.5
-    with caplog.at_level(logging.WARNING, logger="normquant.algorithms.gptq"):
+    with caplog.at_level(logging.WARNING, logger="normquant.methods.gptq"):
         with pytest.raises(QuantError, match=r"GPTQ: Hessian of model\.layers\.3\.mlp\.down_proj is not positive "
                                              r"definite even with dampening 1 .*quantize this layer with RTN"):
             gptq_quantize(torch.randn(4, 8), H, CH4, layer_name="model.layers.3.mlp.down_proj")

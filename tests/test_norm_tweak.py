@@ -1,4 +1,4 @@
-"""Norm Tweaking (normquant.algorithms.norm_tweak, the ``norm_tweak`` step) and self-generated calibration data
+"""Norm Tweaking (normquant.methods.norm_tweak, the ``norm_tweak`` step) and self-generated calibration data
 (normquant.data.selfgen), on tiny random models.
 
 Measured values (torch 2.13 CPU, float32 unless stated) are written next to each tolerance.
@@ -9,24 +9,16 @@ import pytest
 import torch
 import yaml
 
-from normquant.algorithms.norm_tweak import (
-    LOSSES,
-    block_loss,
-    find_norms,
-    get_loss,
-    heldout_ids,
-    l_dist,
-    layer_lr,
-    mean_std_mse,
-    select_norm_tweak_lr,
-    tweak_block,
-)
-from normquant.calibration.runner import run_blocks
 from normquant.data.selfgen import allowed_first_tokens, cache_path, generate_calibration, passes_language_filter
+from normquant.data.text import heldout_ids
+from normquant.evaluation.norm_tweak_lr import select_norm_tweak_lr
+from normquant.methods.norm_tweak import LOSSES, block_loss, find_norms, get_loss, l_dist, layer_lr, mean_std_mse, tweak_block
+from normquant.methods.rtn import RTN
+from normquant.pipeline.run import quantize, wrap_linears
+from normquant.pipeline.step import StepError
+from normquant.pipeline.runner import run_blocks
 from normquant.quant.linear import QuantLinear
-from normquant.quantize import quantize, wrap_linears
 from normquant.recipe import RecipeError, parse_recipe
-from normquant.steps import RTN
 from tests.tiny_models import tiny_inputs, tiny_model
 
 W3 = {"weights": {"bits": 3, "granularity": "channel"}}
@@ -236,10 +228,8 @@ def test_static_activation_quantizers_in_joint_mode():
 
 
 def test_step_refuses_already_quantized_weights_and_mismatched_options():
-    recipe = parse_recipe({"scheme": W3, "steps": ["gptq", "norm_tweak"], "calibration": CALIB})
-    model = tiny_model("llama")
-    with pytest.raises(RecipeError, match="already quantized, so the float targets are lost"):
-        quantize(model, recipe, tiny_inputs(model, batch=6, seq=16), progress=False)
+    with pytest.raises(RecipeError, match="step 'norm_tweak' needs float weights but 'gptq' before it quantizes them"):
+        parse_recipe({"scheme": W3, "steps": ["gptq", "norm_tweak"], "calibration": CALIB})
     with pytest.raises(RecipeError, match="gptq options given but weights is 'rtn'"):
         parse_recipe({"scheme": W3, "steps": [{"norm_tweak": {"weights": "rtn", "gptq": {"block_size": 8}}}]})
     with pytest.raises(RecipeError, match="unknown key 'gptq.block_sz'"):

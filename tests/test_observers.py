@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from normquant.calibration.observers import OBSERVERS, make_observer, observe_modules
+from normquant.quant.observers import OBSERVERS, make_observer, observe_modules
 from normquant.quant.primitives import QuantError
 
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from normquant.calibration.runner import run_blocks
+from normquant.pipeline.runner import run_blocks
 from normquant.quant.linear import QuantLinear
-from normquant.quantize import quantize
+from normquant.pipeline.run import quantize
 from normquant.recipe import parse_recipe
 from tests.tiny_models import model_output, tiny_inputs, tiny_model
 
@@ -107,7 +107,7 @@ def test_group_size_not_dividing_is_a_clear_error():
 @pytest.mark.parametrize("weights", [{"bits": 4}, {"bits": 3, "symmetric": False, "granularity": "group", "group_size": 8}])
 def test_rtn_mse_clip_search_never_worse_per_row(weights):
     """`rtn: {mse: true}`: every row's (group's) Σ|error|^MSE_NORM is ≤ min-max RTN's (p = 1 is a candidate)."""
-    from normquant.algorithms.gptq import MSE_NORM
+    from normquant.quant.search import MSE_NORM
 
     base = tiny_model("llama")
     errs = {}

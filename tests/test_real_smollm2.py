@@ -8,7 +8,7 @@ import pytest
 
 from normquant.data.text import tokenize_eval
 from normquant.evaluation.perplexity import evaluate_perplexity
-from normquant.quantize import quantize
+from normquant.pipeline.run import quantize
 from normquant.recipe import load_recipe
 
 pytestmark = pytest.mark.real

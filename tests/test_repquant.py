@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from normquant.calibration.observers import make_observer, observe_modules
+from normquant.quant.observers import make_observer, observe_modules
 from normquant.models.arch import block_mappings, get_architecture, get_blocks
 from normquant.quant.linear import QuantLinear
 from normquant.quant.primitives import QuantError
 from normquant.quant.spec import QuantSpec
-from normquant.transforms.fold import (
+from normquant.models.fold import (
     FoldError,
     RMSNormWithBias,
     add_consumer_bias,
@@ -22,7 +22,7 @@ from normquant.transforms.fold import (
     scale_consumer_inputs,
     scale_norm_output,
 )
-from normquant.transforms.repquant import (
+from normquant.methods.repquant import (
     Reparameterization,
     apply_reparameterization,
     channel_qparams,

@@ -6,8 +6,9 @@ import torch
 
 from normquant.evaluation.inspect import inspect_activations, plot_report
 from normquant.quant.linear import QuantLinear
-from normquant.quantize import quantize
-from normquant.recipe import RecipeError, parse_recipe
+from normquant.pipeline.run import quantize
+from normquant.pipeline.step import StepError
+from normquant.recipe import parse_recipe
 from tests.tiny_models import model_output, tiny_inputs, tiny_model
 
 CALIB = {"samples": 4, "seqlen": 16, "batch_size": 2}
@@ -55,7 +56,7 @@ def test_repquant_needs_static_consumer_inputs():
     ids = tiny_inputs(base, batch=4, seq=16)
     r = parse_recipe({"scheme": {"input_activations": {"bits": 8, "granularity": "token", "dynamic": True}},
                       "steps": ["repquant"], "calibration": CALIB})
-    with pytest.raises(RecipeError, match="repquant needs one static input_activations spec"):
+    with pytest.raises(StepError, match="repquant needs one static input_activations spec"):
         quantize(base, r, ids, progress=False)
 
 

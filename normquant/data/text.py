@@ -10,12 +10,15 @@ load from local files laid out like the offline copies (``wiki.test.raw``, ``ptb
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -132,3 +135,36 @@ def calibration_samples(tokenizer, name: str = "c4", split: str = "validation", 
     stream = torch.tensor(ids)
     starts = torch.randint(0, len(ids) - seqlen, (n,), generator=g)
     return torch.stack([stream[s:s + seqlen] for s in starts.tolist()])  # [n, seqlen]
+
+
+def heldout_ids(tokenizer, name: str = "c4", split: str = "validation", *, tokens: int, calib_samples: int = 128,
+                calib_seqlen: int = 2048, calib_seed: int = 0, data_dir=None) -> torch.Tensor:
+    """Held-out text ``[1, n >= tokens]`` from the calibration source, disjoint from the calibration segments.
+
+    :func:`normquant.data.text.calibration_samples` shuffles the rows with ``calib_seed`` and reads a *prefix*
+    of that order; this takes rows from the *end* of the same order (joined with ``"\\n\\n"``) and checks that
+    none of them is in the prefix the calibration read. Use it to score lr choices: never the test split.
+    """
+    if split == "test":
+        raise DataError("the held-out slice for lr selection must not come from a test split")
+    rows = [r for r in load_rows(name, split, data_dir) if r.strip()]
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(calib_seed)).tolist()
+    need, used, count = max(calib_samples * calib_seqlen, calib_seqlen * 2), 0, 0
+    for i in order:  # the prefix calibration_samples reads (same tokenization)
+        count += len(tokenizer(rows[i] + "\n\n").input_ids)
+        used += 1
+        if count >= need:
+            break
+    ids: list[int] = []
+    taken = 0
+    for i in reversed(order[used:]):
+        ids.extend(tokenizer(rows[i] + "\n\n").input_ids)
+        taken += 1
+        if len(ids) >= tokens:
+            break
+    if len(ids) < tokens:
+        raise DataError(f"{name}/{split}: only {len(ids)} tokens remain outside the {used} calibration rows, "
+                        f"{tokens} asked for")
+    log.info("held-out slice: %d rows (%d tokens) of %s/%s, disjoint from the %d calibration rows",
+             taken, len(ids), name, split, used)
+    return torch.tensor(ids).unsqueeze(0)  # [1, n]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from normquant.calibration.observers import make_observer, observe_modules
+from normquant.quant.observers import make_observer, observe_modules
 from normquant.models.arch import block_mappings, get_architecture, get_blocks, resolve_path
 
 

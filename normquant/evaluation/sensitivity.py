@@ -9,23 +9,24 @@ from __future__ import annotations
 
 import copy
 
-from normquant.calibration.runner import _blocks_name
+from normquant.pipeline.runner import blocks_name
 from normquant.data import calibration_ids
 from normquant.data.text import tokenize_eval
 from normquant.evaluation.perplexity import evaluate_perplexity
 from normquant.evaluation.records import environment
 from normquant.models.arch import get_blocks
 from normquant.models.loading import load_model
-from normquant.quantize import _quantizable, quantize
+from normquant.pipeline.run import quantize
+from normquant.quant.linear import is_linear
 from normquant.recipe import Recipe
 
 
 def module_kinds(model, recipe: Recipe) -> list[str]:
     """Leaf names of the scheme's target linears inside the blocks, in model order."""
-    blocks = _blocks_name(model, get_blocks(model))
+    blocks = blocks_name(model, get_blocks(model))
     kinds: list[str] = []
     for name, m in model.named_modules():
-        if name.startswith(blocks + ".") and _quantizable(m) and recipe.scheme.specs_for(name, m) is not None:
+        if name.startswith(blocks + ".") and is_linear(m) and recipe.scheme.specs_for(name, m) is not None:
             leaf = name.rsplit(".", 1)[1]
             if leaf not in kinds:
                 kinds.append(leaf)

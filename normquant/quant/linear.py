@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normquant.calibration.observers import ReservoirObserver
+from normquant.quant.observers import ReservoirObserver
 from normquant.quant.primitives import (
     QuantError,
     check_finite,
@@ -50,6 +50,7 @@ class ActivationQuantizer(nn.Module):
         self.spec = spec
         self.enabled = True  # False passes inputs through (while a block's steps run)
         self.observing = False
+        self.fixed = False  # a step chose the range (RepQuant): calibration leaves it alone
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
         self.register_buffer("running_min", None)
@@ -101,6 +102,34 @@ class ActivationQuantizer(nn.Module):
         return self.spec.short()
 
 
+def is_linear(module: nn.Module) -> bool:
+    """A module normquant can quantize: ``nn.Linear``, GPT-2's ``Conv1D`` (weight ``[in, out]``) or a QuantLinear."""
+    return isinstance(module, (nn.Linear, QuantLinear)) or type(module).__name__ == "Conv1D"
+
+
+def set_activation_quant(qls, enabled: bool) -> None:
+    """Turn the input quantizers of the given QuantLinear modules on or off."""
+    for ql in qls:
+        if ql.input_quant is not None:
+            ql.input_quant.enabled = enabled
+
+
+@torch.no_grad()
+def calibrate_static_inputs(qls, run) -> None:
+    """(Re)calibrate the static input quantizers of ``qls`` that no step fixed: observe while ``run()`` feeds
+    data (quantizers already calibrated start afresh), then freeze. Fixed ones (RepQuant's) are left as set."""
+    static = [ql.input_quant for ql in qls if ql.input_quant is not None and not ql.input_quant.spec.dynamic
+              and not ql.input_quant.fixed]
+    if not static:
+        return
+    for q in static:
+        q.scale = q.zero_point = None
+        q.enabled, q.observing = True, True
+    run()
+    for q in static:
+        q.freeze()
+
+
 class QuantLinear(nn.Module):
     """Linear layer with fake-quantized weight and (optionally) input activations; ``y = Q(x) Q(W)^T + b``."""
 
@@ -121,7 +150,7 @@ class QuantLinear(nn.Module):
         """Build from ``nn.Linear`` or a GPT-2 style ``Conv1D`` (weight ``[in, out]``, transposed here)."""
         if isinstance(module, nn.Linear):
             weight = module.weight
-        elif type(module).__name__ == "Conv1D":
+        elif is_linear(module) and not isinstance(module, QuantLinear):  # Conv1D
             weight = module.weight.t()
         else:
             raise QuantError(f"cannot quantize module of type {type(module).__name__}; only Linear and Conv1D")

@@ -121,7 +121,7 @@ class ReservoirObserver:
     Bottom-k sampling: every row gets a random key from a seeded generator and the ``size`` rows with the
     smallest keys are kept, which is a uniform sample without replacement of all rows seen. All channels
     share the sampled rows. ``compute()`` gives ``sample`` ``[k, C]`` (feed it to
-    :func:`normquant.transforms.repquant.percentile_init`) and ``quantiles`` ``[len(q), C]``.
+    :func:`normquant.methods.repquant.percentile_init`) and ``quantiles`` ``[len(q), C]``.
     """
 
     name = "percentile"

@@ -31,16 +31,15 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+from pydantic import Field
 
+from normquant.pipeline.step import Step, register_step
 from normquant.quant.primitives import QuantError, check_finite, qparams_from_range, reduction_view
+from normquant.quant.search import mse_clip_qparams
 from normquant.quant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
 
-#: §5.2: shrink factors p = 1 − i/MSE_GRID for i < MSE_MAXSHRINK·MSE_GRID; error Σ|Q(w) − w|^MSE_NORM.
-MSE_GRID = 100
-MSE_MAXSHRINK = 0.8
-MSE_NORM = 2.4
 #: On a failed Cholesky, percdamp is multiplied by 10 this many times (0.01 -> 0.1 -> 1.0) before giving up.
 DAMP_RETRIES = 2
 
@@ -113,28 +112,6 @@ class GPTQResult:
     zero: torch.Tensor
     perm: torch.Tensor | None
     loss: float
-
-
-def mse_clip_qparams(xv: torch.Tensor, spec: QuantSpec, *, grid: int = MSE_GRID, maxshrink: float = MSE_MAXSHRINK,
-                     norm: float = MSE_NORM) -> tuple[torch.Tensor, torch.Tensor]:
-    """§5.2 clip search: per row of ``xv`` ``[n, k]``, the qparams ``[n, 1]`` of the shrunk range ``p·[min, max]``,
-    ``p = 1 − i/grid`` (``i < maxshrink·grid``), that minimize ``Σ|Q(x) − x|^norm``.
-
-    Ties keep the larger ``p`` (``p = 1`` is tried first), so the result is never worse than min-max in that norm.
-    """
-    xmin, xmax = xv.amin(dim=1, keepdim=True), xv.amax(dim=1, keepdim=True)  # [n, 1]
-    best_err = torch.full_like(xmin, float("inf"))
-    best_scale, best_zero = torch.empty_like(xmin), torch.empty_like(xmin)
-    for i in range(int(maxshrink * grid)):
-        p = 1 - i / grid
-        scale, zero = qparams_from_range(p * xmin, p * xmax, spec)
-        err = (_fake_quant(xv, scale, zero, spec) - xv).abs_().log_().mul_(norm).exp_()  # |e|^norm, 2x faster than pow on CPU
-        err = err.sum(dim=1, keepdim=True)  # [n, k] -> [n, 1]
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
 
 
 @torch.no_grad()
@@ -306,3 +283,39 @@ def _ieee_fp32_matmul(device: torch.device) -> Iterator[None]:
             yield
         finally:
             matmul.allow_tf32 = saved
+
+
+# ---------------------------------------------------------------------------------------------- the step
+@register_step
+class GPTQ(Step):
+    """GPTQ weights (METHODS.md §6.2) from Hessians of the block's quantized-path inputs.
+
+    All linears of a block collect their Hessians in one pass over the calibration inputs, then each is
+    quantized column by column with error feedback. ``act_order`` uses static groups, so an export needs no
+    reordering. ``mse`` adds the per-row/group clip search (§5.2).
+    """
+
+    name = "gptq"
+    needs_data = True
+    quantizes_weights = True
+    block_size: int = Field(128, gt=0)
+    dampening: float = Field(0.01, gt=0)
+    act_order: bool = False
+    mse: bool = False
+
+    @torch.no_grad()
+    def apply_block(self, ctx) -> None:
+        qls = {n: ql for n, ql in ctx.quant_linears.items() if ql.weight_spec is not None}
+        accs = {n: HessianAccumulator(ql.in_features, name=f"{ctx.name}.{n}") for n, ql in qls.items()}
+        hooks = [ql.register_forward_pre_hook(lambda _m, args, acc=accs[n]: acc.add(args[0])) for n, ql in qls.items()]
+        try:
+            for x in ctx.batches():
+                ctx.forward(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        for n, ql in qls.items():
+            res = gptq_quantize(ql.weight.data, accs.pop(n).H, ql.weight_spec, block_size=self.block_size,
+                                percdamp=self.dampening, act_order=self.act_order, mse=self.mse,
+                                layer_name=f"{ctx.name}.{n}")
+            ql.set_quantized_weight(res.weight, res.scale, res.zero)

@@ -9,11 +9,11 @@ Math (METHODS §1.2–1.4), names as in the paper. For a norm output ``X [T, C]`
     quantizer: clamp(round(X'/s̃) + z̃, 0, 2^b−1) == clamp(round(X/s_c) + z_c, 0, 2^b−1)   (z̃ integer)
 
 RMSNorm has no β: symmetric qparams give ``z = 0``, hence ``r2 = 0`` and only γ and W change (option A);
-asymmetric ones wrap the norm in :class:`~normquant.transforms.fold.RMSNormWithBias` and give every consumer a
+asymmetric ones wrap the norm in :class:`~normquant.models.fold.RMSNormWithBias` and give every consumer a
 bias (option B). Gemma's γ is ``1 + w``. Only pre-LN models qualify: in a post-LN model (BERT) the norm
 output also feeds the residual stream, which the fold cannot compensate.
 
-Per block of the block-sequential runner (``ctx`` a :class:`~normquant.calibration.runner.BlockContext`),
+Per block of the block-sequential runner (``ctx`` a :class:`~normquant.pipeline.runner.BlockContext`),
 before any weight quantization of the block::
 
     maps = block_mappings(ctx.model, ctx.index)                      # full paths: norm -> consumers
@@ -41,18 +41,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PrivateAttr
 from torch import nn
 
 from normquant.models.arch import block_mappings, get_architecture
-from normquant.quant.linear import ActivationQuantizer, QuantLinear
-from normquant.quant.primitives import QuantError, choose_qparams, fake_quantize
-from normquant.quant.search import Bounds, channel_qparams, fake_quantize_channels, percentile_init
-from normquant.quant.spec import QuantSpec
-from normquant.transforms.fold import (
+from normquant.models.fold import (
     FoldError,
     add_consumer_bias,
     add_norm_bias,
@@ -60,6 +57,12 @@ from normquant.transforms.fold import (
     scale_consumer_inputs,
     scale_norm_output,
 )
+from normquant.pipeline.step import Step, StepError, register_step
+from normquant.quant.linear import ActivationQuantizer, QuantLinear
+from normquant.quant.observers import make_observer, observe_modules
+from normquant.quant.primitives import QuantError, choose_qparams, fake_quantize
+from normquant.quant.search import Bounds, channel_qparams, fake_quantize_channels, percentile_init
+from normquant.quant.spec import QuantSpec
 
 # --------------------------------------------------------------------------------------------------
 # Reparameterization
@@ -151,6 +154,7 @@ def static_input_quantizer(scale: torch.Tensor, zero: torch.Tensor, bits: int, s
     quantizer.scale = scale.detach().reshape(-1, 1).clone()  # [1, 1] or [C, 1]
     quantizer.zero_point = zero.detach().reshape(-1, 1).to(quantizer.scale.dtype).clone()
     quantizer.observing = False
+    quantizer.fixed = True  # the pipeline's calibration leaves a step's range alone
     return quantizer
 
 
@@ -374,3 +378,100 @@ def log2_shift_dequantize(q: torch.Tensor, is_zero: torch.Tensor, s: float | tor
     ``â = s·2^(−⌈q/2⌉)·(1 + [q odd]·(√2 − 1))``, so ``â·v`` is ``v >> ⌈q/2⌉`` times ``s`` or ``√2·s``."""
     parity_scale = 1 + (q % 2) * (2**0.5 - 1)
     return torch.where(is_zero, 0.0, s * torch.exp2(-torch.ceil(q / 2)) * parity_scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# The step
+
+
+@register_step
+class RepQuant(Step):
+    """RepQuant (METHODS.md §1): per-channel quantizers on norm outputs, reparameterized to per-tensor.
+
+    Per block: sample each mapped norm's output on the calibration inputs, initialize per-channel bounds by
+    the RepQ-ViT percentile search, optionally learn dual clipping (block-output MSE, Adam; [NQ] defaults
+    lr 5e-3, 20 epochs; with ``weights_in_loop`` (default) the consumers compute with the RTN weights they
+    will have after the reparameterization, so the bounds also pay for the weight error a wide channel
+    range causes — the paper's "quantized weight reconstruction", whose details are UNVERIFIED); before it,
+    ``range_floor`` [NQ, not in the paper] picks per norm the floor ``rho`` that widens narrow channels to
+    ``rho``× the widest (grid 0 … 1, block-output MSE with the same weights in the loop), bounding the weight
+    column factors ``r1`` by ``1/rho``; then either fold the channel scales into the norm and its consumers and install
+    one per-tensor quantizer ``(s̃, integer z̃)`` on the consumers (``mode: reparameterize``), or install the
+    per-channel quantizers on the unchanged model (``mode: per_channel``, the simulation the
+    reparameterization must reproduce). Bits and symmetry come from the consumers' ``input_activations``
+    spec; symmetric on RMSNorm is option A, asymmetric is option B (norm bias + consumer bias).
+    Weights are quantized after this step (on the reparameterized weights).
+    """
+
+    name = "repquant"
+    needs_data = True
+    needs_float_weights = True
+    mode: Literal["reparameterize", "per_channel"] = "reparameterize"
+    percentiles: list[float] = [0.999, 0.9999, 0.99999]
+    learn_clipping: bool = True
+    weights_in_loop: bool = True
+    range_floor: bool = True
+    lr: float = Field(5e-3, gt=0)
+    epochs: int = Field(20, ge=1)
+    sample_rows: int = Field(65536, gt=0)
+    _report: dict = PrivateAttr(default_factory=dict)  # per norm: chosen rho, clipping losses (for eval records)
+
+    @property
+    def report(self) -> dict:
+        return self._report
+
+    def apply_block(self, ctx) -> None:
+        maps = block_mappings(ctx.model, ctx.index, ctx.arch)
+        consumers = {m.norm: [ctx.model.get_submodule(c) for c in m.consumers] for m in maps}
+        specs = {n: _static_input_spec(n, cs) for n, cs in consumers.items()}
+        maps = [m for m in maps if specs[m.norm] is not None]
+        if not maps:
+            return
+        observers = {m.norm: make_observer("percentile", size=self.sample_rows) for m in maps}
+        inside = {n: o for n, o in observers.items() if n.startswith(ctx.name + ".")}
+        with observe_modules(ctx.model, inside, where="output"), torch.no_grad():
+            targets = [ctx.forward(x) for x in ctx.batches()]  # float block outputs
+        for n in set(observers) - set(inside):  # a norm before block 0 (BERT's embeddings): its output is the input
+            for x in ctx.batches():
+                observers[n].update(x)
+        bounds = {m.norm: percentile_init(observers[m.norm].compute()["sample"], specs[m.norm].bits,
+                                          tuple(self.percentiles), specs[m.norm].symmetric) for m in maps}
+        if self.learn_clipping or self.range_floor:
+            bits = {specs[m.norm].bits for m in maps}
+            sym = {specs[m.norm].symmetric for m in maps}
+            if len(bits) > 1 or len(sym) > 1:
+                raise StepError("repquant tunes all norms of a block together: give their consumers one input spec")
+            bits, sym = bits.pop(), sym.pop()
+            norms = {m.norm: ctx.model.get_submodule(m.norm) for m in maps}
+            inputs = list(ctx.batches())
+            # per_channel mode keeps the original weights, so the reparameterized ones have no place in its loop
+            in_loop = {n: cs for n, cs in consumers.items() if n in norms} \
+                if self.weights_in_loop and self.mode == "reparameterize" else {}
+            if self.range_floor:
+                bounds, rho = search_range_floor(ctx.forward, norms, in_loop, inputs, targets, bounds, bits, symmetric=sym)
+                self._report.update({n: {"rho": r} for n, r in rho.items()})
+            if self.learn_clipping:
+                result = learn_dual_clipping(ctx.forward, norms, inputs, targets, bounds, bits, symmetric=sym,
+                                             lr=self.lr, epochs=self.epochs, consumers=in_loop)
+                bounds = result.bounds
+                for n in norms:
+                    self._report.setdefault(n, {})["clipping_losses"] = result.losses
+        qparams = {n: channel_qparams(lo, hi, specs[n].bits, specs[n].symmetric) for n, (lo, hi) in bounds.items()}
+        if self.mode == "reparameterize":
+            reps = reparameterize_block(ctx.model, ctx.index, qparams)
+            qparams = {n: (r.s_tilde, r.z_tilde) for n, r in reps.items()}
+        for n, (s, z) in qparams.items():
+            install_input_quantizers(consumers[n], s, z, specs[n].bits, specs[n].symmetric)
+            for c in consumers[n]:
+                c.input_quant.enabled = False  # the pipeline enables activation quantization after the steps
+
+
+def _static_input_spec(norm: str, consumers) -> QuantSpec | None:
+    """The shared static input spec of a norm's consumers, or None if they quantize no input activation."""
+    specs = {c.input_quant.spec for c in consumers if isinstance(c, QuantLinear) and c.input_quant is not None}
+    if not specs:
+        return None
+    if len(specs) > 1 or any(s.dynamic for s in specs):
+        raise StepError(f"repquant needs one static input_activations spec for the consumers of {norm}, "
+                          f"got {sorted(s.short() for s in specs)}")
+    return specs.pop()

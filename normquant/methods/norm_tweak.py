@@ -1,15 +1,15 @@
 """Norm Tweaking (Li et al., AAAI 2024; METHODS.md §2): after the weights of a block are quantized, tune only
 its normalization parameters so that the quantized block's output matches the float block's, channel by channel.
 
-The math is here, as pure functions; the recipe step ``norm_tweak`` (:class:`normquant.steps.NormTweak`) wires
+The math is here, as pure functions; the recipe step ``norm_tweak`` (:class:`NormTweak`, at the end of this module) wires
 it into the sequential block runner.
 
 * :func:`l_dist` (and the alternatives ``mse``, ``mean_std_mse``, in :data:`LOSSES`): the loss between the float
   block's outputs ``f_out`` and the quantized block's outputs ``q_out``, both ``[..., C]``.
 * :func:`layer_lr`: the per-block learning rate ``lr0 · (1 + κ·l/L)``.
 * :func:`tweak_block`: Adam on the norm parameters only (LayerNorm γ, β; RMSNorm γ; Gemma's ``w`` in γ = 1 + w).
-* :func:`select_norm_tweak_lr`: the (lr0, κ) grid search scored by perplexity on held-out calibration text,
-  with :func:`heldout_ids` to cut that text so it never overlaps the calibration segments.
+* choosing lr0/κ: :func:`normquant.evaluation.norm_tweak_lr.select_norm_tweak_lr`, scored on held-out text cut
+  by :func:`normquant.data.text.heldout_ids`.
 
 >>> import torch
 >>> f, q = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
@@ -20,15 +20,18 @@ it into the sequential block runner.
 """
 from __future__ import annotations
 
-import copy
 import logging
-import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
 from torch import nn
+
+from normquant.methods.gptq import GPTQ
+from normquant.methods.rtn import RTN
+from normquant.pipeline.step import Step, StepError, register_step
 
 log = logging.getLogger(__name__)
 
@@ -231,104 +234,87 @@ def block_loss(block_forward: Callable[[torch.Tensor], torch.Tensor], inputs: to
     return sum(values) / len(values)
 
 
-# ---------------------------------------------------------------------------------------------- lr selection
-DEFAULT_GRID: tuple[tuple[float, float], ...] = tuple(
-    (lr0, kappa) for lr0 in (1e-4, 5e-5, 1e-5, 5e-6, 1e-6) for kappa in (0.0, 1.0, 5.0))
-"""[NQ] (lr0, κ) grid of METHODS.md §2.4: lr0 ∈ {1e-4, 5e-5, 1e-5, 5e-6, 1e-6} × κ ∈ {0, 1, 5}."""
+# ---------------------------------------------------------------------------------------------- the step
+@register_step
+class NormTweak(Step):
+    """Norm Tweaking (METHODS.md §2): quantize the block's weights, then tune its norm parameters with Adam so
+    that the quantized block's per-channel output statistics match the float block's.
 
+    The step quantizes the weights *itself*, because the targets are the float block's outputs on the
+    quantized-path inputs and QuantLinear keeps no float weights once quantized. Per block it
+    (a) computes the float targets ``[N, L, C]`` (weights still float, activation quantizers off),
+    (b) runs the weight algorithm ``weights`` (the ``gptq`` step with the options under ``gptq:``, or ``rtn``),
+    (c) tunes the norms (LayerNorm γ, β; RMSNorm γ; Gemma's w) with
+    :func:`tweak_block`
+    at lr ``lr · (1 + kappa·l/L)`` for block ``l`` (0-based) of ``L``.
+    So a recipe lists it *instead of* its weight step (an earlier step that quantizes the weights is refused)::
 
-def heldout_ids(tokenizer, name: str = "c4", split: str = "validation", *, tokens: int, calib_samples: int = 128,
-                calib_seqlen: int = 2048, calib_seed: int = 0, data_dir=None) -> torch.Tensor:
-    """Held-out text ``[1, n >= tokens]`` from the calibration source, disjoint from the calibration segments.
+        steps:
+          - norm_tweak: {weights: gptq, gptq: {block_size: 128, act_order: true}, lr: 1.0e-5, kappa: 1, loss: l_dist}
 
-    :func:`normquant.data.text.calibration_samples` shuffles the rows with ``calib_seed`` and reads a *prefix*
-    of that order; this takes rows from the *end* of the same order (joined with ``"\\n\\n"``) and checks that
-    none of them is in the prefix the calibration read. Use it to score lr choices: never the test split.
+    Function-preserving transforms (SmoothQuant, RepQuant) may come before it. Joint W/A mode (§2.6): with
+    ``activations: true`` (default) and input quantizers in the scheme, they are on during tuning (static ones
+    calibrated first on the pre-tweak block; the pipeline recalibrates them after the step). ``norms: all``
+    tunes every norm inside the block (incl. Qwen3 q/k norms, Gemma2 post-norms) [NQ]; ``mapped`` only those
+    of the architecture's norm→linear map. ``epochs: 0`` quantizes the weights without tweaking (a baseline).
+    Defaults [NQ]: lr 1e-5 (the paper's initial grid value), kappa 1 [UNVERIFIED schedule], 1 epoch, 1 sample
+    per Adam step; choose lr/kappa with :func:`~normquant.evaluation.norm_tweak_lr.select_norm_tweak_lr`.
     """
-    from normquant.data.text import DataError, load_rows
 
-    if split == "test":
-        raise DataError("the held-out slice for lr selection must not come from a test split")
-    rows = [r for r in load_rows(name, split, data_dir) if r.strip()]
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(calib_seed)).tolist()
-    need, used, count = max(calib_samples * calib_seqlen, calib_seqlen * 2), 0, 0
-    for i in order:  # the prefix calibration_samples reads (same tokenization)
-        count += len(tokenizer(rows[i] + "\n\n").input_ids)
-        used += 1
-        if count >= need:
-            break
-    ids: list[int] = []
-    taken = 0
-    for i in reversed(order[used:]):
-        ids.extend(tokenizer(rows[i] + "\n\n").input_ids)
-        taken += 1
-        if len(ids) >= tokens:
-            break
-    if len(ids) < tokens:
-        raise DataError(f"{name}/{split}: only {len(ids)} tokens remain outside the {used} calibration rows, "
-                        f"{tokens} asked for")
-    log.info("held-out slice: %d rows (%d tokens) of %s/%s, disjoint from the %d calibration rows",
-             taken, len(ids), name, split, used)
-    return torch.tensor(ids).unsqueeze(0)  # [1, n]
+    name = "norm_tweak"
+    needs_data = True
+    needs_float_weights = True
+    quantizes_weights = True
+    weights: Literal["gptq", "rtn"] = "gptq"
+    gptq: GPTQ = Field(default_factory=GPTQ)  # options of the gptq weight step (weights: gptq)
+    lr: float = Field(1e-5, ge=0)
+    kappa: float = Field(1.0, ge=0)
+    loss: str = "l_dist"
+    epochs: int = Field(1, ge=0)
+    batch_size: int = Field(1, gt=0)
+    norms: Literal["all", "mapped"] = "all"
+    activations: bool = True
 
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        if v not in LOSSES:
+            raise ValueError(f"unknown loss '{v}'; available: {', '.join(sorted(LOSSES))}")
+        return v
 
-def _with_lr(recipe, lr0: float | None, kappa: float | None):
-    """A deep copy of ``recipe`` whose norm_tweak steps use (lr0, κ); ``lr0=None``: tweaking off (epochs 0)."""
-    r = copy.deepcopy(recipe)
-    found = False
-    for i, step in enumerate(r.steps):
-        if step.name == "norm_tweak":
-            found = True
-            update = {"epochs": 0} if lr0 is None else {"lr": lr0, "kappa": kappa}
-            r.steps[i] = step.model_copy(update=update)
-    if not found:
-        raise ValueError("the recipe has no norm_tweak step to tune")
-    return r
+    @model_validator(mode="after")
+    def _options_match_weights(self) -> "NormTweak":
+        if self.weights != "gptq" and self.gptq != GPTQ():
+            raise ValueError(f"gptq options given but weights is '{self.weights}'; set weights: gptq or drop them")
+        return self
 
+    def weight_step(self) -> Step:
+        return self.gptq if self.weights == "gptq" else RTN()
 
-def select_norm_tweak_lr(model_factory: Callable[[], nn.Module], recipe, heldout: torch.Tensor,
-                         grid: Iterable[tuple[float, float]] | None = None, *, calib_ids: torch.Tensor,
-                         seqlen: int | None = None, windows: int | None = None, device: str | torch.device = "cpu",
-                         baseline: bool = True, progress: bool = False) -> tuple[dict, list[dict]]:
-    """Grid search of (lr0, κ) for the recipe's ``norm_tweak`` step, scored by held-out perplexity.
-
-    For each ``(lr0, κ)`` of ``grid`` (default :data:`DEFAULT_GRID`): a fresh float model from
-    ``model_factory()`` is quantized with the recipe (its norm_tweak step set to that lr0, κ) on ``calib_ids``
-    ``[N, L]``, then its perplexity is measured on ``heldout`` — ``[1, n]`` text cut into ``seqlen`` windows
-    (default ``recipe.evaluation.seqlen``), or ``[W, L]`` ready windows — under the GPTQ protocol of
-    :func:`normquant.evaluation.perplexity.evaluate_perplexity`. ``heldout`` must be calibration-side text not
-    used for calibration (:func:`heldout_ids`), never the evaluation test split. With ``baseline`` the table
-    also holds the same recipe without tweaking (``lr0 = None``: the weight algorithm alone).
-
-    Returns ``(best, table)``: ``table`` rows ``{"lr0", "kappa", "ppl", "nll", "windows", "seqlen"}`` in grid
-    order, ``best`` the tweaked row with the lowest perplexity.
-
-    >>> best, table = select_norm_tweak_lr(lambda: load_model("smollm2-135m")[0], recipe,  # doctest: +SKIP
-    ...                                    heldout_ids(tok, tokens=16 * 2048), calib_ids=calib)
-    """
-    from normquant.evaluation.perplexity import evaluate_perplexity
-    from normquant.quantize import quantize
-
-    grid = list(DEFAULT_GRID if grid is None else grid)
-    if heldout.dim() != 2:
-        raise ValueError(f"heldout must be [1, n] text or [W, L] windows, got shape {tuple(heldout.shape)}")
-    if heldout.shape[0] > 1:
-        seqlen = heldout.shape[1]
-    seqlen = seqlen or recipe.evaluation.seqlen
-    stream = heldout.reshape(1, -1)
-    configs: list[tuple[float | None, float | None]] = ([(None, None)] if baseline else []) + grid
-    table = []
-    for lr0, kappa in configs:
-        model = model_factory()
-        quantize(model, _with_lr(recipe, lr0, kappa), calib_ids, device=device, progress=progress)
-        res = evaluate_perplexity(model, stream, seqlen=seqlen, windows=windows, progress=progress)
-        row = {"lr0": lr0, "kappa": kappa, "ppl": res.ppl, "nll": res.nll, "windows": res.windows, "seqlen": seqlen}
-        log.info("norm_tweak lr selection: lr0=%s kappa=%s held-out ppl %.4f", lr0, kappa, res.ppl)
-        table.append(row)
-        del model
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-    tweaked = [r for r in table if r["lr0"] is not None and math.isfinite(r["ppl"])]
-    if not tweaked:
-        raise ValueError("no (lr0, kappa) in the grid gave a finite held-out perplexity")
-    return min(tweaked, key=lambda r: r["ppl"]), table
+    def apply_block(self, ctx) -> None:
+        done = [n for n, ql in ctx.quant_linears.items() if ql.weight_spec is not None and ql.weight_quantized]
+        if done:
+            raise StepError(f"norm_tweak: {ctx.name}.{done[0]} is already quantized, so the float targets are lost; "
+                            "norm_tweak quantizes the weights itself: remove the earlier weight step and set "
+                            "norm_tweak's `weights` (and `gptq:` options) instead")
+        if self.epochs == 0:
+            self.weight_step().apply_block(ctx)
+            return
+        names = [m.norm for m in ctx.arch.mappings] if self.norms == "mapped" else None
+        norms = find_norms(ctx.block, names)
+        if not norms:
+            raise StepError(f"norm_tweak: block {ctx.name} has no norm parameters to tune (weightless norms, e.g. "
+                            "after a rotation's γ-fusion)")
+        with ctx.activations(False), torch.no_grad():  # [N, L, C]: the float block on the quantized-path inputs
+            targets = ctx.outputs()
+        self.weight_step().apply_block(ctx)
+        joint = self.activations and any(ql.input_quant is not None for ql in ctx.quant_linears.values())
+        if joint:  # static ranges from the pre-tweak block; the pipeline recalibrates them after this step
+            with ctx.activations(False):
+                ctx.calibrate_activations()
+        lr = layer_lr(self.lr, self.kappa, ctx.index, ctx.num_blocks)
+        with ctx.activations(joint):
+            res = tweak_block(ctx.forward, norms, ctx.inputs, targets, loss=self.loss, lr=lr, epochs=self.epochs,
+                              batch_size=self.batch_size, block=ctx.block)
+        log.info("norm_tweak %s: lr %.3g, %d params, %s per epoch %s", ctx.name, lr, res.params, self.loss,
+                 ", ".join(f"{v:.4g}" for v in res.epoch_means))

@@ -1,0 +1,117 @@
+"""One entry point: ``quantize(model, recipe, calib_ids)``.
+
+1. **Model-wide phase**: every step's ``apply_model(model, arch)``, in recipe order (fusions, rotations).
+2. **Block phase**: per block, the scheme's target linears become :class:`QuantLinear` (activation
+   quantizers off), the steps' ``apply_block(ctx)`` run in order, weights no step quantized get
+   round-to-nearest, static activation quantizers no step fixed are calibrated on the block's
+   (quantized-path) inputs, activation quantization is switched on and the block's outputs feed the next
+   block. A recipe that needs no data walks the blocks without capturing any inputs.
+3. **Tail**: linears outside the blocks (``lm_head`` when targeted, BERT's pooler): RTN, and static inputs
+   calibrated by a pass of the quantized model.
+
+Steps only see the :class:`~normquant.pipeline.runner.BlockContext` contract; they never import this module.
+
+Simulation → deployment seam: the result holds fake-quant :class:`QuantLinear` modules, each with its integer
+codes recoverable exactly (:meth:`QuantLinear.integer_weight`). Exports read the integers from there; a real
+integer kernel replaces a QuantLinear after ``quantize`` returns (``convert``, the real-execution issue), never
+inside the steps.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from normquant.models.arch import get_architecture
+from normquant.pipeline.runner import BlockContext, run_blocks, walk_blocks
+from normquant.quant.linear import QuantLinear, calibrate_static_inputs, is_linear, set_activation_quant
+from normquant.recipe import Recipe, RecipeError, Scheme
+
+log = logging.getLogger(__name__)
+
+
+def wrap_linears(root: nn.Module, scheme: Scheme, prefix: str = "") -> dict[str, QuantLinear]:
+    """Replace the scheme's target linears under ``root`` by QuantLinear; return them by name (relative to root).
+
+    Activation quantizers start disabled (``enabled=False``) until the block is finished.
+    """
+    wrapped = {}
+    for name, module in list(root.named_modules()):
+        if not is_linear(module) or isinstance(module, QuantLinear):
+            continue
+        specs = scheme.specs_for(f"{prefix}{name}", module)
+        if specs is None:
+            continue
+        ql = QuantLinear.wrap(module, *specs)
+        set_activation_quant([ql], False)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(root.get_submodule(parent_name) if parent_name else root, attr, ql)
+        wrapped[name] = ql
+    return wrapped
+
+
+def quantize(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor | None = None, *,
+             device: str | torch.device = "cpu", progress: bool = True) -> nn.Module:
+    """Quantize ``model`` in place following ``recipe``; ``calib_ids`` ``[N, L]`` when the recipe needs data."""
+    if recipe.needs_data and calib_ids is None:
+        raise RecipeError("this recipe needs calibration data (a step or a static activation quantizer)")
+    model_wide = [s for s in recipe.steps if s.model_wide()]
+    if model_wide:
+        arch = get_architecture(model)
+        for step in model_wide:
+            step.apply_model(model, arch)
+    if recipe.needs_data:
+        contexts = run_blocks(model, calib_ids, device=device, batch_size=recipe.calibration.batch_size)
+    else:
+        contexts = walk_blocks(model)
+    wrapped = 0
+    with tqdm(desc="blocks", disable=not progress, leave=False) as bar:
+        for ctx in contexts:
+            bar.total = ctx.num_blocks
+            ctx.quant_linears = wrap_linears(ctx.block, recipe.scheme, prefix=f"{ctx.name}." if ctx.name else "")
+            wrapped += len(ctx.quant_linears)
+            process_block(ctx, recipe)
+            if ctx.has_data:
+                ctx.advance()
+            bar.update(1)
+    wrapped += _quantize_tail(model, recipe.scheme, calib_ids if recipe.needs_data else None,
+                              recipe.calibration.batch_size)
+    if not wrapped:
+        raise RecipeError("the scheme's targets match no Linear module; check scheme.targets / scheme.ignore")
+    return model
+
+
+def process_block(ctx: BlockContext, recipe: Recipe) -> None:
+    """Steps, then RTN for weights no step quantized, then static activation calibration, then activations on."""
+    qls = list(ctx.quant_linears.values())
+    for step in recipe.steps:
+        if step.per_block():
+            step.apply_block(ctx)
+    for ql in qls:
+        if not ql.weight_quantized:
+            ql.quantize_weight()
+    if ctx.has_data:
+        with ctx.activations(False):
+            ctx.calibrate_activations()
+    set_activation_quant(qls, True)
+
+
+@torch.no_grad()
+def _quantize_tail(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None, batch_size: int) -> int:
+    """Linears outside the blocks (``lm_head``, BERT's pooler): RTN weights; static inputs calibrated by
+    running the (now quantized) model on the calibration data. Returns how many were wrapped."""
+    qls = list(wrap_linears(model, scheme).values())
+    for ql in qls:
+        ql.quantize_weight()
+    if calib_ids is not None:
+        device = next(model.parameters()).device
+
+        def run():
+            for i in range(0, calib_ids.shape[0], batch_size):
+                model(input_ids=calib_ids[i:i + batch_size].to(device))
+
+        calibrate_static_inputs(qls, run)
+    set_activation_quant(qls, True)
+    return len(qls)
