@@ -172,13 +172,14 @@ class Recipe(_Strict):
     @field_validator("steps", mode="before")
     @classmethod
     def _steps(cls, v):
-        return [_parse_step(e) for e in (v or [])]
+        steps = [_parse_step(e) for e in (v or [])]
+        check_order(steps)  # StepError is a ValueError: reported with the recipe's file and line
+        return steps
 
     @model_validator(mode="after")
     def _weights_or_steps(self) -> "Recipe":
         if self.scheme.weights is None and self.scheme.input_activations is None and not self.scheme.overrides:
             raise ValueError("scheme quantizes nothing: give scheme.weights and/or scheme.input_activations")
-        check_order(self.steps)  # StepError is a ValueError: reported with the recipe's file and line
         return self
 
     @property
