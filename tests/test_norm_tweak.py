@@ -101,8 +101,9 @@ def first_block_w3(kind: str, n: int = 6, seq: int = 16, dtype: torch.dtype = to
 def test_tweak_lowers_l_dist_and_touches_only_norms(kind, norm_params, max_ratio):
     ctx, forward, targets = first_block_w3(kind)
     block = ctx.block
-    norms = find_norms(block)
-    assert sorted(f"{n}.{p}" for n, m in norms.items() for p, _ in m.named_parameters()) == sorted(norm_params)
+    norms = find_norms(ctx.model, 0)
+    assert sorted(f"{n.removeprefix(ctx.name + '.')}.{p}" for n, m in norms.items()
+                  for p, _ in m.named_parameters()) == sorted(norm_params)
     grad_flags = {n: p.requires_grad for n, p in block.named_parameters()}
     assert any(grad_flags.values()) and not all(grad_flags.values())  # HF norms True, QuantLinear weights False
     before_params = {n: p.detach().clone() for n, p in block.named_parameters()}
@@ -125,7 +126,7 @@ def test_half_precision_norms_move_through_float32_masters():
     """bf16 γ ≈ 1 has a half-ulp of 3.9e-3, so Adam steps of ~1e-3 applied to bf16 directly mostly round away;
     float32 master copies accumulate them. The parameters stay bf16."""
     ctx, forward, targets = first_block_w3("llama", dtype=torch.bfloat16)
-    norms = find_norms(ctx.block)
+    norms = find_norms(ctx.model, ctx.index)
     before = {n: m.weight.detach().clone() for n, m in norms.items()}
     with torch.no_grad():  # tweak_block turns gradients on itself
         tweak_block(forward, norms, ctx.inputs, targets, lr=1e-3, epochs=1, block=ctx.block)

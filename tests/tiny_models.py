@@ -29,6 +29,10 @@ TINY_CONFIGS: dict[str, dict] = {
     "gemma": _GEMMA,
     "gemma2": _GEMMA,
     "gemma3_text": _GEMMA,
+    "phi3": dict(_DECODER, pad_token_id=0, bos_token_id=0, eos_token_id=0),  # defaults (32000) exceed the vocab
+    "mixtral": dict(_DECODER, num_local_experts=4, experts_implementation="eager"),  # grouped_mm lacks float64
+    "qwen3_moe": dict(_DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      decoder_sparse_step=1, experts_implementation="eager"),
     "opt": dict(hidden_size=HIDDEN, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=64, word_embed_proj_dim=HIDDEN),
     "gpt2": dict(n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
@@ -46,7 +50,7 @@ def tiny_model(kind: str, dtype: torch.dtype = torch.float32, seed: int = 0, **c
     """
     if kind not in TINY_CONFIGS:
         raise KeyError(f"no tiny config for '{kind}'; available: {', '.join(sorted(TINY_CONFIGS))}")
-    config = AutoConfig.for_model(kind, vocab_size=VOCAB, **TINY_CONFIGS[kind], **config_overrides)
+    config = AutoConfig.for_model(kind, **{"vocab_size": VOCAB, **TINY_CONFIGS[kind], **config_overrides})
     torch.manual_seed(seed)
     auto = AutoModel if kind in ENCODERS else AutoModelForCausalLM
     model = auto.from_config(config, attn_implementation="eager")

@@ -30,6 +30,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from normquant.methods.gptq import GPTQ
+from normquant.models.arch import Architecture, block_mappings, block_norms
 from normquant.methods.rtn import RTN
 from normquant.pipeline.step import Step, StepError, register_step
 
@@ -105,25 +106,20 @@ def layer_lr(lr0: float, kappa: float, l: int, L: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- norms
-def is_norm(module: nn.Module) -> bool:
-    """A normalization module: ``nn.LayerNorm`` or any class whose name contains "Norm" (HF ``*RMSNorm``)."""
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
-
-
-def find_norms(block: nn.Module, names: Iterable[str] | None = None) -> dict[str, nn.Module]:
-    """The normalization modules of ``block`` that have parameters, by block-relative name.
-
-    ``names=None`` finds every norm in the block (LLaMA: ``input_layernorm``, ``post_attention_layernorm``;
-    Qwen3 also ``self_attn.q_norm``/``k_norm``; Gemma2 also its post-norms); otherwise exactly the given ones.
+def find_norms(model: nn.Module, index: int, arch: Architecture | None = None, *,
+               mapped_only: bool = False) -> dict[str, nn.Module]:
+    """The norms of block ``index`` that have parameters to tune, by full module path, from the architecture
+    table (:func:`normquant.models.arch.block_norms`): every norm of the block (LLaMA: ``input_layernorm``,
+    ``post_attention_layernorm``; Qwen3 also ``self_attn.q_norm``/``k_norm``; Gemma2 also its post-norms), or
+    with ``mapped_only`` those feeding linears (the norm → linears mappings that live in the block).
     """
-    if names is None:
-        found = {n: m for n, m in block.named_modules() if n and is_norm(m)}
-    else:
-        found = {n: block.get_submodule(n) for n in names}
+    found = block_norms(model, index, arch)
+    if mapped_only:
+        mapped = {m.norm for m in block_mappings(model, index, arch)}
+        found = {n: m for n, m in found.items() if n in mapped}
     return {n: m for n, m in found.items() if any(True for _ in m.parameters(recurse=False))}
 
 
-# ---------------------------------------------------------------------------------------------- forward
 # ---------------------------------------------------------------------------------------------- tweak
 @dataclass
 class TweakResult:
@@ -300,8 +296,7 @@ class NormTweak(Step):
         if self.epochs == 0:
             self.weight_step().apply_block(ctx)
             return
-        names = [m.norm for m in ctx.arch.mappings] if self.norms == "mapped" else None
-        norms = find_norms(ctx.block, names)
+        norms = find_norms(ctx.model, ctx.index, ctx.arch, mapped_only=self.norms == "mapped")
         if not norms:
             raise StepError(f"norm_tweak: block {ctx.name} has no norm parameters to tune (weightless norms, e.g. "
                             "after a rotation's γ-fusion)")

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from pydantic import Field, PrivateAttr
 from torch import nn
 
-from normquant.models.arch import block_mappings, get_architecture
+from normquant.models.arch import block_mappings, get_architecture, split_ref
 from normquant.models.fold import (
     FoldError,
     add_consumer_bias,
@@ -422,6 +422,10 @@ class RepQuant(Step):
 
     def apply_block(self, ctx) -> None:
         maps = block_mappings(ctx.model, ctx.index, ctx.arch)
+        fused = [c for m in maps for c in m.consumers if split_ref(c)[1] is not None]
+        if fused:
+            raise StepError(f"repquant: {fused[0]} is a fused expert parameter, not a linear; RepQuant supports "
+                            "models whose norms feed nn.Linear modules (MoE experts as 3-D parameters are not)")
         consumers = {m.norm: [ctx.model.get_submodule(c) for c in m.consumers] for m in maps}
         specs = {n: _static_input_spec(n, cs) for n, cs in consumers.items()}
         maps = [m for m in maps if specs[m.norm] is not None]
