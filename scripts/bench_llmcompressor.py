@@ -75,8 +75,8 @@ W8A8_PRESET = {"weights": {"num_bits": 8, "type": "int", "symmetric": True, "str
                                      "dynamic": True}}
 
 #: Files whose content decides the numbers; their hashes go into the record (the tree is shared and moves).
-CODE_FILES = ("normquant/algorithms/gptq.py", "normquant/steps.py", "normquant/quantize.py",
-              "normquant/calibration/runner.py", "normquant/quant/primitives.py", "normquant/quant/linear.py",
+CODE_FILES = ("normquant/methods/gptq.py", "normquant/methods/rtn.py", "normquant/pipeline/run.py",
+              "normquant/pipeline/runner.py", "normquant/quant/primitives.py", "normquant/quant/linear.py",
               "scripts/bench_llmcompressor.py", "scripts/llmcompressor_side.py")
 
 DEFAULT_NOTE = ("N is below the GPTQ protocol's 128 x 2048 to fit a shared 2-core CPU: each side makes 2 sequential "

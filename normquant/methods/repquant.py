@@ -466,8 +466,6 @@ class RepQuant(Step):
             qparams = {n: (r.s_tilde, r.z_tilde) for n, r in reps.items()}
         for n, (s, z) in qparams.items():
             install_input_quantizers(consumers[n], s, z, specs[n].bits, specs[n].symmetric)
-            for c in consumers[n]:
-                c.input_quant.enabled = False  # the pipeline enables activation quantization after the steps
 
 
 def _static_input_spec(norm: str, consumers) -> QuantSpec | None:

@@ -88,6 +88,7 @@ def process_block(ctx: BlockContext, recipe: Recipe) -> None:
     qls = list(ctx.quant_linears.values())
     for step in recipe.steps:
         if step.per_block():
+            set_activation_quant(qls, False)  # every step starts with the block's activation quantizers off
             step.apply_block(ctx)
     for ql in qls:
         if not ql.weight_quantized:
