@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from normquant.pipeline.step import Step, check_order, discover_steps
 from normquant.quant.spec import QuantSpec
+from normquant.quant.targets import matches
 
 
 class RecipeError(ValueError):
@@ -84,8 +85,9 @@ class Override(_Strict):
 
 
 class Scheme(_Strict):
-    """Which linears are quantized and how. Patterns: a class name (``Linear``, GPT-2 ``Conv1D``), a module name or name suffix
-    (``lm_head``, ``down_proj``), or a regular expression prefixed ``re:`` (searched in the full name)."""
+    """Which linears are quantized and how. Patterns (:mod:`normquant.quant.targets`, compressed-tensors' rules): a
+    class name (``Linear``, GPT-2 ``Conv1D``), a module name or dotted name suffix (``lm_head``, ``down_proj``), or a
+    regular expression prefixed ``re:``, matched from the start of the full name (``re.match``: ``re:.*mlp``)."""
 
     targets: list[str] = ["Linear", "Conv1D"]
     ignore: list[str] = ["lm_head"]
@@ -115,12 +117,6 @@ class Scheme(_Strict):
             if matches(o.pattern, name, module):
                 specs = (o.weights, o.input_activations)
         return None if specs == (None, None) else specs
-
-
-def matches(pattern: str, name: str, module) -> bool:
-    if pattern.startswith("re:"):
-        return re.search(pattern[3:], name) is not None
-    return name == pattern or name.endswith("." + pattern) or type(module).__name__ == pattern
 
 
 # ---------------------------------------------------------------------------------------------- sections

@@ -12,10 +12,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-import normquant.export.compressed_tensors as ct_export
+import normquant.export.checkpoint as ct_export
 from normquant.export import (ExportError, export_model, is_normquant_export, load_quantized, pack_to_int32,
                               unpack_from_int32)
-from normquant.quant.linear import QuantLinear
+from normquant.quant.linear import QuantLinear, is_linear
 from normquant.quant.spec import QuantSpec
 from tests.tiny_models import VOCAB, model_output, tiny_inputs, tiny_model
 
@@ -44,14 +44,10 @@ SCHEMES = {
 }
 
 
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
 def quantize_linears(model: nn.Module, specs, ids: torch.Tensor) -> nn.Module:
     """Wrap every linear but lm_head, specs(name) -> (weight_spec, input_spec); calibrate static inputs on ids."""
     for name, mod in list(model.named_modules()):
-        if _is_linear(mod) and "lm_head" not in name:
+        if is_linear(mod) and "lm_head" not in name:
             parent, _, child = name.rpartition(".")
             ql = QuantLinear.wrap(mod, *specs(name))
             ql.quantize_weight()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from normquant.methods.gptq import HessianAccumulator, gptq_quantize
 from normquant.quant.linear import QuantLinear
-from normquant.quant.primitives import QuantError, choose_qparams, fake_quantize
+from normquant.quant.primitives import QuantError, choose_qparams, dequantize, fake_quantize
 from normquant.quant.spec import QuantSpec
 
 CH4 = QuantSpec(bits=4, granularity="channel")
@@ -74,16 +74,16 @@ def test_act_order_static_groups_export_exact():
     s, z = choose_qparams(W, G16_3)
     assert torch.equal(res.scale, s) and torch.equal(res.zero, z) and res.scale.shape == (32 * 64 // 16, 1)
 
-    # Export: integer codes round(W/s) + z are in range and dequantize back to the weight exactly.
-    wv = res.weight.reshape(-1, 16)  # [out, in] -> [out*in/16, 16], the reduction view of the qparams
-    codes = torch.round(wv / res.scale) + res.zero
+    # Export: the integer codes round(W/s) + z (QuantLinear.integer_weight) are in range and dequantize back to
+    # the weight exactly.
+    ql = QuantLinear(W, bias, G16_3, None)
+    ql.set_quantized_weight(res.weight, res.scale, res.zero)
+    codes, s, z = ql.integer_weight()
     assert codes.min() >= G16_3.qmin and codes.max() <= G16_3.qmax
-    assert torch.equal((res.scale * (codes - res.zero)).reshape(W.shape), res.weight)
+    assert torch.equal(dequantize(codes, s, z, G16_3), res.weight)
 
     # Inference needs no reordering: QuantLinear reproduces x·Ŵᵀ + b, and re-quantizing the installed
     # weight with its own qparams (the export path) changes nothing.
-    ql = QuantLinear(W, bias, G16_3, None)
-    ql.set_quantized_weight(res.weight, res.scale, res.zero)
     x = X[:8]
     assert torch.equal(ql(x), F.linear(x, res.weight, bias))
     ql.quantize_weight(ql.weight_scale, ql.weight_zero_point)
@@ -105,6 +105,15 @@ def test_identity_hessian_is_rtn(spec):
     res = gptq_quantize(W, torch.eye(64), spec)  # H = I: no error feedback between columns
     assert torch.equal(res.weight, rtn(W, spec))
     assert torch.equal(res.scale, choose_qparams(W, spec)[0]) and torch.equal(res.zero, choose_qparams(W, spec)[1])
+
+
+def test_code_zero_is_stored_as_positive_zero():
+    """GPTQ's weights have always held +0.0 for the code 0 (the primitives' symmetric fast path keeps the -0.0 of
+    a small negative weight; GPTQ canonicalizes it, so its checkpoints stay bit-identical)."""
+    _, W, H = correlated_layer(seed=5)
+    W[:, :8] = -1e-6  # round to the code 0 from below
+    res = gptq_quantize(W, H, CH4)
+    assert (res.weight == 0).any() and not torch.signbit(res.weight[res.weight == 0]).any()
 
 
 @pytest.mark.parametrize("block_size", [1, 5, 24])

@@ -67,7 +67,7 @@ def test_static_activation_scale_matches_observed_inputs():
 def test_mixed_precision_override_and_ignore():
     model = tiny_model("llama")
     recipe = parse_recipe({"scheme": {"weights": {"bits": 4, "granularity": "group", "group_size": 16},
-                                      "ignore": ["lm_head", "re:layers\\.1\\.mlp"],
+                                      "ignore": ["lm_head", "re:.*layers\\.1\\.mlp"],
                                       "overrides": [{"pattern": "down_proj", "weights": {"bits": 8}}]}})
     quantize(model, recipe, progress=False)
     layers = model.model.layers

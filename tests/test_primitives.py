@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from normquant.quant.primitives import (QuantError, choose_qparams, dequantize, fake_quantize, fake_quantize_dynamic,
-                                        qparams_from_range, quantize)
+                                        fake_quantize_view, qparams_from_range, quantize, quantize_view, reduction_view)
 from normquant.quant.spec import QuantSpec
 
 
@@ -120,3 +120,71 @@ def test_percentile_observer_clips_rare_outliers_and_matches_the_search(granular
         assert errs["percentile"] < 0.1 * errs["minmax"], errs
     else:  # measured 0.134 vs 0.141 (the other 7 channels hold no outliers, so their ranges barely move)
         assert errs["percentile"] <= errs["minmax"], errs
+
+
+# ------------------------------------------------------------------------------------------------ the one core
+
+CORE_SPECS = [QuantSpec(bits=4, granularity="group", group_size=8), QuantSpec(bits=3, symmetric=False, granularity="channel"),
+              QuantSpec(bits=8, granularity="tensor"), QuantSpec(bits=8, symmetric=False, granularity="group", group_size=8)]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+
+
+@pytest.mark.parametrize("spec", CORE_SPECS, ids=lambda s: s.short())
+def test_fake_quantize_view_is_bit_identical_to_the_former_copies(spec):
+    """The arithmetic formerly written out in fake_quantize, GPTQ and the clip searches, bit for bit (signed
+    zeros included: the symmetric path skips ``+z``, so GPTQ canonicalizes -0.0 itself)."""
+    g = torch.Generator().manual_seed(spec.bits)
+    w = torch.randn(16, 32, generator=g) * torch.rand(16, 1, generator=g)
+    w[0, :4] = torch.tensor([-1e-6, 1e-6, -0.0, 0.0])  # codes of 0 from both sides
+    xv, _ = reduction_view(w, spec)
+    s, z = choose_qparams(w, spec)
+    xv_before = xv.clone()
+    got = fake_quantize_view(xv, s, z, spec)
+    assert torch.equal(_bits(xv), _bits(xv_before))  # the input is not modified
+    q = torch.div(xv, s).round_()
+    q = q.clamp_(spec.qmin, spec.qmax) if spec.symmetric else q.add_(z).clamp_(spec.qmin, spec.qmax)
+    assert torch.equal(_bits(got), _bits(s * (q - z)))  # former fake_quantize
+    gptq = torch.round(xv / s).add_(z).clamp_(spec.qmin, spec.qmax).sub_(z).mul_(s)  # former GPTQ / search copy
+    assert torch.equal(_bits(got + 0.0), _bits(gptq))
+    assert torch.equal(_bits(fake_quantize(w, s, z, spec)), _bits(got.reshape(w.shape)))
+    assert torch.equal(quantize_view(xv, s, z, spec), torch.round(xv / s).add_(z).clamp_(spec.qmin, spec.qmax))
+    # one column at a time with [n] qparams (GPTQ's loop) gives the same values
+    if spec.granularity != "group":
+        col = fake_quantize_view(w[:, 3], s.reshape(-1).expand(16), z.reshape(-1).expand(16), spec)
+        assert torch.equal(_bits(col), _bits(fake_quantize(w, s, z, spec)[:, 3]))
+
+
+def test_fake_quantize_view_is_straight_through_with_autograd():
+    spec = QuantSpec(bits=4, symmetric=False, granularity="channel")
+    x = torch.randn(4, 16, requires_grad=True)
+    s, z = choose_qparams(x.detach(), spec)
+    y = fake_quantize_view(x, s, z, spec)
+    y.sum().backward()
+    inside = (x.detach() / s).round() + z
+    inside = (inside >= spec.qmin) & (inside <= spec.qmax)
+    assert torch.equal(x.grad, inside.float())
+    with torch.no_grad():
+        assert torch.equal(y.detach(), fake_quantize_view(x, s, z, spec))
+
+
+@pytest.mark.parametrize("spec", CORE_SPECS + [QuantSpec(bits=8, granularity="channel")], ids=lambda s: s.short())
+def test_integer_weight_recovers_the_codes(spec):
+    from normquant.quant.linear import QuantLinear
+
+    ql = QuantLinear.wrap(torch.nn.Linear(32, 16), spec, None)
+    with pytest.raises(QuantError, match="never quantized"):
+        ql.integer_weight()
+    ql.quantize_weight()
+    codes, s, z = ql.integer_weight()
+    assert codes.shape == (16, 32) and not codes.is_floating_point()
+    assert codes.dtype == (torch.int16 if not spec.symmetric and spec.bits == 8 else torch.int8)
+    assert spec.qmin <= int(codes.min()) and int(codes.max()) <= spec.qmax
+    assert s is ql.weight_scale and z is ql.weight_zero_point
+    assert torch.equal(dequantize(codes, s, z, spec), ql.weight)
+    assert torch.equal(codes, quantize(ql.weight, s, z, spec).to(codes.dtype))
+    ql.weight.data[3, 5] += 0.3 * s.max()
+    with pytest.raises(QuantError, match="off its quantization grid at 1 entries"):
+        ql.integer_weight()

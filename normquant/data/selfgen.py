@@ -42,6 +42,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from normquant.io import atomic_file
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the generation procedure changes: old cache files are then not reused
@@ -222,12 +224,10 @@ def generate_calibration(model: nn.Module, tokenizer, n: int = 128, seqlen: int 
     ids = torch.cat(chunks)  # [n, seqlen]
 
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         record = {"input_ids": ids, "seed": seed, "n": n, "seqlen": seqlen, "scripts": list(scripts),
                   "first_tokens": first, "n_greedy": n_greedy, "format": FORMAT,
                   "fingerprint": model_fingerprint(model, tokenizer)}
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(record, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            torch.save(record, tmp)
         log.info("self-generated calibration data (seed %d) saved to %s", seed, path)
     return ids

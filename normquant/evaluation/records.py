@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
 from normquant import __version__
+from normquant.io import atomic_write_text
 
 
 def git_commit() -> str:
@@ -54,16 +53,5 @@ def reused_float_record(path: str | Path, windows: int, seqlen: int) -> dict:
 
 
 def write_json(path: str | Path, data: dict) -> Path:
-    """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write JSON atomically (:func:`normquant.io.atomic_write_text`); parent directories are created."""
+    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")

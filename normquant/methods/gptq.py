@@ -34,7 +34,7 @@ import torch
 from pydantic import Field
 
 from normquant.pipeline.step import Step, register_step
-from normquant.quant.primitives import QuantError, check_finite, qparams_from_range, reduction_view
+from normquant.quant.primitives import QuantError, check_finite, fake_quantize_view, minmax_qparams_view, reduction_view
 from normquant.quant.search import mse_clip_qparams
 from normquant.quant.spec import QuantSpec
 
@@ -157,7 +157,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_si
     device = W.device
     W = W.detach().to(torch.float32, copy=True)  # [out, in], updated in place below
     H = H.detach().to(device=device, dtype=torch.float64, copy=True)  # [in, in]
-    fit = (lambda xv: mse_clip_qparams(xv, spec)) if mse else (lambda xv: _minmax_qparams(xv, spec))
+    fit = (lambda xv: mse_clip_qparams(xv, spec)) if mse else (lambda xv: minmax_qparams_view(xv, spec))
 
     with _ieee_fp32_matmul(device), _one_cpu_thread(device):
         # Dead inputs (never active in calibration) carry no information: fix H_ii = 1 and drop their weights.
@@ -204,7 +204,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_si
                 k = col_group[j]
                 w = W1[:, i]
                 d = Hinv1[i, i]
-                q = _fake_quant(w, S[:, k], Z[:, k], spec)  # q_j = Quant(w_j)
+                q = fake_quantize_view(w, S[:, k], Z[:, k], spec)  # q_j = Quant(w_j)
                 Q1[:, i] = q
                 err1 = (w - q) / d  # e_j = (w_j − q_j) / U_jj
                 W1[:, i + 1:] -= err1.unsqueeze(1) * Hinv1[i, i + 1:].unsqueeze(0)  # w_F −= e_j · U[j, F]
@@ -213,20 +213,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_si
             loss += Err1.double().pow(2).sum() / 2  # Σ (w − q)² / (2·U_jj²)
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the columns right of the block
 
+    Q.add_(0.0)  # -0.0 -> +0.0 (a code of 0 rounded from a negative w): GPTQ weights have always stored +0.0
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]  # back to the original column order
     return GPTQResult(weight=Q, scale=S.reshape(-1, 1), zero=Z.reshape(-1, 1), perm=perm, loss=loss.item())
-
-
-def _minmax_qparams(xv: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max qparams ``[n, 1]`` of each row of ``xv`` ``[n, k]``."""
-    return qparams_from_range(xv.amin(dim=1, keepdim=True), xv.amax(dim=1, keepdim=True), spec)
-
-
-def _fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """``s·(clamp(round(x/s) + z, qmin, qmax) − z)``: the same arithmetic as ``primitives.fake_quantize``,
-    without its straight-through wrapper, so ``round(result/s) + z`` recovers the integer codes exactly."""
-    return torch.round(x / scale).add_(zero).clamp_(spec.qmin, spec.qmax).sub_(zero).mul_(scale)
 
 
 def _inverse_cholesky_upper(H: torch.Tensor, percdamp: float, who: str) -> torch.Tensor:

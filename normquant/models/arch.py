@@ -42,6 +42,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from normquant.quant.linear import is_conv1d
+
 
 class UnsupportedArchitecture(ValueError):
     pass
@@ -296,7 +298,7 @@ def linear_features(model: nn.Module, ref: str) -> tuple[int, int]:
     parameter [E, out, in] gives its last two axes)."""
     module, param = split_ref(ref)
     w = get_weight(model, ref)
-    if param is None and type(model.get_submodule(module)).__name__ == "Conv1D":
+    if param is None and is_conv1d(model.get_submodule(module)):
         return w.shape[1], w.shape[0]
     return w.shape[-2], w.shape[-1]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normquant.quant.linear import is_conv1d
 from normquant.quant.primitives import check_finite
 
 # γ = GAMMA_OFFSET[norm_kind] + weight
@@ -100,10 +101,6 @@ def add_norm_bias(norm: nn.Module, delta: torch.Tensor) -> nn.Module:
     return RMSNormWithBias(norm, bias)
 
 
-def _is_conv1d(linear: nn.Module) -> bool:
-    return type(linear).__name__ == "Conv1D"  # GPT-2: weight [in, out]
-
-
 def _check_consumer(linear: nn.Module) -> None:
     if getattr(linear, "weight_quantized", False):
         raise FoldError("consumer weights are already quantized; fold/reparameterize before weight quantization")
@@ -118,7 +115,7 @@ def scale_consumer_inputs(linear: nn.Module, r: torch.Tensor) -> None:
     _check_consumer(linear)
     r = r.detach().double().to(linear.weight.device)
     w = linear.weight.double()
-    w = w * r[:, None] if _is_conv1d(linear) else w * r[None, :]  # Conv1D [in, out]: row c
+    w = w * r[:, None] if is_conv1d(linear) else w * r[None, :]  # Conv1D [in, out]: row c
     _write(linear.weight, w, "folded consumer weight")
 
 
@@ -127,7 +124,7 @@ def consumer_input_response(linear: nn.Module, v: torch.Tensor) -> torch.Tensor:
     """``W v`` ``[out]`` in float64 for an input vector ``v [in]`` (the bias change a shift ``v`` causes)."""
     _check_consumer(linear)
     v = v.detach().double().to(linear.weight.device)
-    return v @ linear.weight.double() if _is_conv1d(linear) else linear.weight.double() @ v
+    return v @ linear.weight.double() if is_conv1d(linear) else linear.weight.double() @ v
 
 
 @torch.no_grad()

@@ -15,12 +15,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from normquant.io import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +83,14 @@ def materialize_packaged(name: str) -> Path:
     model.hf_quantizer = None  # the weights are dequantized floats now; save them as such
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest.parent))
     try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(dest) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    except FileExistsError:
+        if (dest / "config.json").exists():  # converted meanwhile by another process
+            return dest
+        raise ModelLoadError(f"{dest} exists but holds no converted model (no config.json); delete it and retry") from None
     return dest
 
 

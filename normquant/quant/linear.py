@@ -1,7 +1,8 @@
 """QuantLinear: an ``nn.Linear`` (or GPT-2 ``Conv1D``) with a weight quantizer and an input-activation quantizer.
 
 The weight is stored *fake-quantized* (``s * (q - z)`` in float) together with its ``weight_scale`` and
-``weight_zero_point``; the integer codes are recovered exactly at export as ``round(W / s) + z``.
+``weight_zero_point``; :meth:`QuantLinear.integer_weight` recovers the integer codes exactly as
+``round(W / s) + z`` — the one place where exports and integer kernels read them.
 
 >>> import torch
 >>> from normquant.quant.spec import QuantSpec
@@ -21,9 +22,12 @@ from normquant.quant.primitives import (
     QuantError,
     check_finite,
     choose_qparams,
+    code_dtype,
+    dequantize_view,
     fake_quantize,
     fake_quantize_dynamic,
     qparams_from_range,
+    quantize_view,
     reduction_view,
 )
 from normquant.quant.search import percentile_init
@@ -102,9 +106,14 @@ class ActivationQuantizer(nn.Module):
         return self.spec.short()
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D`` (transformers.pytorch_utils): a linear whose weight is stored ``[in, out]``."""
+    return type(module).__name__ == "Conv1D"
+
+
 def is_linear(module: nn.Module) -> bool:
     """A module normquant can quantize: ``nn.Linear``, GPT-2's ``Conv1D`` (weight ``[in, out]``) or a QuantLinear."""
-    return isinstance(module, (nn.Linear, QuantLinear)) or type(module).__name__ == "Conv1D"
+    return isinstance(module, (nn.Linear, QuantLinear)) or is_conv1d(module)
 
 
 def set_activation_quant(qls, enabled: bool) -> None:
@@ -150,7 +159,7 @@ class QuantLinear(nn.Module):
         """Build from ``nn.Linear`` or a GPT-2 style ``Conv1D`` (weight ``[in, out]``, transposed here)."""
         if isinstance(module, nn.Linear):
             weight = module.weight
-        elif is_linear(module) and not isinstance(module, QuantLinear):  # Conv1D
+        elif is_conv1d(module):
             weight = module.weight.t()
         else:
             raise QuantError(f"cannot quantize module of type {type(module).__name__}; only Linear and Conv1D")
@@ -171,6 +180,39 @@ class QuantLinear(nn.Module):
             scale, zero = choose_qparams(w, self.weight_spec, channel_axis=0)
         self.weight.data = fake_quantize(w, scale, zero, self.weight_spec, channel_axis=0).to(self.weight.dtype)
         self.weight_scale, self.weight_zero_point = scale.float(), zero.float()
+
+    @torch.no_grad()
+    def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The integers behind the quantized weight: ``(codes, scale, zero)``.
+
+        ``codes`` ``[out, in]`` (int8, int16 for unsigned 8-bit) on normquant's grid (``weight_spec.qmin`` ..
+        ``qmax``: signed for symmetric specs, unsigned with an integer zero point otherwise); ``scale`` and
+        ``zero`` are ``weight_scale`` / ``weight_zero_point``, ``[n, 1]`` float32 on the reduction view of
+        :mod:`normquant.quant.primitives` (one row per tensor / output row / group), so that
+        ``dequantize(codes, scale, zero, weight_spec)`` is the weight. Computed on the weight's device.
+
+        This is the seam between simulation and deployment: the exports (:mod:`normquant.export`) and a real
+        integer kernel (a later ``convert`` of QuantLinear modules) read the integers here. Recovery is exact
+        because the weight is stored as ``s * (q - z)``: ``round(W / s) + z`` gives ``q`` back. Raises
+        :class:`QuantError` when the weight was never quantized, or is off its grid (changed after
+        ``quantize_weight`` / ``set_quantized_weight``), where codes would not reproduce it.
+        """
+        spec = self.weight_spec
+        if spec is None or not self.weight_quantized:
+            what = f"weight spec {spec.short()}" if spec is not None else "no weight spec"
+            raise QuantError(f"layer has {what} but its weight was never quantized; call quantize_weight() "
+                             "(or run the recipe) first")
+        w = self.weight.detach()
+        wv, restore = reduction_view(w.float(), spec, channel_axis=0)  # [n, k], one (s, z) per row
+        s, z = self.weight_scale, self.weight_zero_point  # [n, 1]
+        q = quantize_view(wv, s, z, spec)
+        w_hat = dequantize_view(q, s, z).to(w.dtype).float()
+        eps = torch.finfo(w.dtype).eps
+        off_grid = (w_hat - wv).abs() > 4 * eps * wv.abs() + torch.finfo(torch.float32).eps * s
+        if off_grid.any():
+            raise QuantError(f"weight is off its quantization grid at {int(off_grid.sum())} entries (changed after "
+                             "quantize_weight?); re-run quantize_weight")
+        return restore(q).to(code_dtype(spec)), s, z
 
     @torch.no_grad()
     def set_quantized_weight(self, w_hat: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:

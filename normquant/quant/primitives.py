@@ -14,6 +14,11 @@ token          ``[out, in]``           ``[T, C]``
 
 ``channel_axis`` says which axis "channel" means: 0 for weights (output rows), -1 for activations.
 
+This module is normquant's only quantizer arithmetic: :func:`qparams_from_range` is the only qparams formula
+of the min-max grid (RepQuant's differentiable bounds use :func:`normquant.quant.search.channel_qparams`), and
+:func:`quantize_view` / :func:`dequantize_view` / :func:`fake_quantize_view` are the only round/clamp code —
+QuantLinear, activation quantizers, GPTQ, the clip searches and the export all call them.
+
 >>> import torch
 >>> spec = QuantSpec(bits=8, granularity="channel")
 >>> w = torch.randn(4, 16)
@@ -83,10 +88,14 @@ def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) 
     return scale, zero
 
 
+def minmax_qparams_view(xv: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max qparams ``[n, 1]`` of each row of a reduction view ``xv`` ``[n, k]`` (differentiable)."""
+    return qparams_from_range(xv.amin(dim=1, keepdim=True), xv.amax(dim=1, keepdim=True), spec)
+
+
 def choose_qparams(x: torch.Tensor, spec: QuantSpec, channel_axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max qparams, shape ``[n, 1]`` on the reduction view of ``x``."""
-    xv, _ = reduction_view(x, spec, channel_axis)
-    return qparams_from_range(xv.amin(dim=1, keepdim=True), xv.amax(dim=1, keepdim=True), spec)
+    return minmax_qparams_view(reduction_view(x, spec, channel_axis)[0], spec)
 
 
 def round_ste(v: torch.Tensor) -> torch.Tensor:
@@ -94,13 +103,22 @@ def round_ste(v: torch.Tensor) -> torch.Tensor:
     return v + (torch.round(v) - v).detach()
 
 
+def _records_grad(xv: torch.Tensor, scale: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (xv.requires_grad or scale.requires_grad)
+
+
+# The quantizer core: every fake-quant, code and dequantization in normquant goes through the three functions
+# below. Their op order is part of the contract (float rounding): ``x/s``, round, ``+z``, clamp; ``-z``, ``*s``.
+# The no-grad path skips ``+z``/``-z`` for symmetric specs (z = 0), so a code that rounds to -0.0 stays -0.0.
+
+
 def quantize_view(xv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Integer codes (as float values) on the reduction view: ``clamp(round(x/s) + z, qmin, qmax)``.
 
-    With autograd recording, rounding is straight-through; otherwise the ops run in place on one buffer
-    (this is the hot path of fake-quant evaluation).
+    With autograd recording, rounding is straight-through; otherwise the ops run in place on one new buffer
+    (this is the hot path of fake-quant evaluation). ``xv`` is never modified.
     """
-    if torch.is_grad_enabled() and (xv.requires_grad or scale.requires_grad):
+    if _records_grad(xv, scale):
         return torch.clamp(round_ste(xv / scale) + zero, spec.qmin, spec.qmax)
     q = torch.div(xv, scale).round_()
     if spec.symmetric:  # zero point is 0
@@ -108,22 +126,48 @@ def quantize_view(xv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spe
     return q.add_(zero).clamp_(spec.qmin, spec.qmax)
 
 
+def dequantize_view(qv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``s * (q - z)`` on the reduction view (a new tensor; differentiable)."""
+    return scale * (qv - zero)
+
+
+def fake_quantize_view(xv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``s * (clamp(round(x/s) + z, qmin, qmax) - z)`` on the reduction view ``[n, k]`` (qparams ``[n, 1]``, or
+    anything that broadcasts, e.g. one column ``[n]`` with ``[n]`` qparams).
+
+    Without autograd recording (GPTQ's column loop, the clip searches, RTN, inference) it runs in place on one
+    new buffer and ``round(result/s) + z`` recovers the codes exactly; with it, rounding is straight-through.
+    ``xv`` is never modified.
+    """
+    if _records_grad(xv, scale):
+        return dequantize_view(quantize_view(xv, scale, zero, spec), scale, zero)
+    q = quantize_view(xv, scale, zero, spec)
+    if not spec.symmetric:
+        q.sub_(zero)
+    return q.mul_(scale)
+
+
+def code_dtype(spec: QuantSpec) -> torch.dtype:
+    """The smallest integer dtype holding ``spec``'s codes: int8, or int16 for unsigned 8-bit codes."""
+    return torch.int8 if spec.symmetric or spec.bits < 8 else torch.int16
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, channel_axis: int = 0) -> torch.Tensor:
-    """Integer codes of ``x`` (int8 tensor of ``x``'s shape)."""
+    """Integer codes of ``x`` (:func:`code_dtype` tensor of ``x``'s shape)."""
     xv, restore = reduction_view(x, spec, channel_axis)
-    return restore(quantize_view(xv, scale, zero, spec)).to(torch.int8 if spec.symmetric or spec.bits < 8 else torch.int16)
+    return restore(quantize_view(xv, scale, zero, spec)).to(code_dtype(spec))
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, channel_axis: int = 0) -> torch.Tensor:
     """``s * (q - z)`` back in ``q``'s shape (float32)."""
     qv, restore = reduction_view(q.float(), spec, channel_axis)
-    return restore(scale * (qv - zero))
+    return restore(dequantize_view(qv, scale, zero))
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, channel_axis: int = 0) -> torch.Tensor:
     """``dequantize(quantize(x))`` in ``x``'s dtype, differentiable (straight-through rounding)."""
     xv, restore = reduction_view(x, spec, channel_axis)
-    return restore(scale * (quantize_view(xv, scale, zero, spec) - zero)).to(x.dtype)
+    return restore(fake_quantize_view(xv, scale, zero, spec)).to(x.dtype)
 
 
 def fake_quantize_dynamic(x: torch.Tensor, spec: QuantSpec, channel_axis: int = -1) -> torch.Tensor:
@@ -134,8 +178,5 @@ def fake_quantize_dynamic(x: torch.Tensor, spec: QuantSpec, channel_axis: int = 
             amax = xv.abs().amax(dim=1, keepdim=True)
             scale, zero = qparams_from_range(-amax, amax, spec)
         else:
-            scale, zero = qparams_from_range(xv.amin(dim=1, keepdim=True), xv.amax(dim=1, keepdim=True), spec)
-    q = quantize_view(xv, scale, zero, spec)
-    if not spec.symmetric:
-        q = q - zero
-    return restore(q.mul_(scale) if not q.requires_grad else q * scale).to(x.dtype)
+            scale, zero = minmax_qparams_view(xv, spec)
+    return restore(fake_quantize_view(xv, scale, zero, spec)).to(x.dtype)

@@ -1,0 +1,206 @@
+"""Export a quantized model as a compressed-tensors checkpoint directory, and load it back as QuantLinear modules.
+
+An export directory holds ``config.json`` (the HF config plus a ``quantization_config`` in the
+compressed-tensors schema, :mod:`normquant.export.schema`, and a ``normquant`` section: ``export_version``,
+each group's exact ``quant_specs`` and free ``metadata``), ``model.safetensors`` (quantized linears as in
+:mod:`normquant.export.layers`, every other tensor under its HF name and dtype, tied aliases once), the
+tokenizer files and, for models that generate, ``generation_config.json``. It is written to a temporary
+sibling directory and renamed into place (:func:`normquant.io.atomic_directory`), so a failed export never
+leaves a partial directory behind.
+
+>>> path = export_model(model, tokenizer, "out/llama-w4")                         # doctest: +SKIP
+>>> model, tokenizer = load_quantized(path)                                      # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from normquant.export.layers import compress_linear, decompress_linear
+from normquant.export.schema import ConfigGroup, ExportError, quant_specs, quantization_config, spec_from_dict
+from normquant.io import atomic_directory
+from normquant.quant.linear import QuantLinear, is_linear
+from normquant.quant.targets import matches_any
+
+#: version of the ``normquant`` section in config.json; bumped when its meaning changes.
+EXPORT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# whole model -> (tensors, quantization_config, quant_specs)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _quant_groups(model: nn.Module) -> list[ConfigGroup]:
+    """QuantLinear modules grouped by ``(weight_spec, input_spec)``, in module order; plain ones left out."""
+    groups: dict[tuple, ConfigGroup] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        aspec = module.input_quant.spec if module.input_quant is not None else None
+        if module.weight_spec is None and aspec is None:
+            continue
+        groups.setdefault((module.weight_spec, aspec), ConfigGroup(module.weight_spec, aspec)).modules.append(name)
+    return list(groups.values())
+
+
+def _tied_aliases(model: nn.Module) -> set[str]:
+    """State-dict names that alias an earlier parameter or buffer (tied weights), e.g. ``lm_head.weight``."""
+    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    every |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    unique = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return every - unique
+
+
+def compressed_checkpoint(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """``(tensors, quantization_config, quant_specs)`` of a model whose quantized linears are QuantLinear modules.
+
+    Tensors of non-quantized modules keep their HF names and dtypes; tied aliases are stored once.
+    ``quant_specs`` holds each config group's exact QuantSpecs.
+    """
+    groups = _quant_groups(model)
+    if not groups:
+        raise ExportError("model has no quantized QuantLinear modules; quantize it before exporting")
+    quantized = [name for g in groups for name in g.modules]
+    ignore = [name for name, m in model.named_modules() if is_linear(m) and name not in quantized]
+    qconfig = quantization_config(groups, ignore)  # first: refuses inexpressible specs before any tensor work
+    tensors: dict[str, torch.Tensor] = {}
+    for name in quantized:
+        for key, t in compress_linear(model.get_submodule(name), name).items():
+            tensors[f"{name}.{key}"] = t
+    aliases, prefixes = _tied_aliases(model), tuple(f"{name}." for name in quantized)
+    for key, t in model.state_dict().items():
+        if key not in aliases and not key.startswith(prefixes):
+            tensors[key] = t.detach().cpu().contiguous()
+    return tensors, qconfig, quant_specs(groups)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# export_model / load_quantized / is_normquant_export
+# ---------------------------------------------------------------------------------------------------------
+
+
+def export_model(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, *, force: bool = False,
+                 extra_metadata: dict | None = None) -> Path:
+    """Write ``model`` (with QuantLinear modules) as a compressed-tensors checkpoint to ``out_dir``; return its path.
+
+    Everything is written to a temporary directory next to ``out_dir`` and renamed into place; on any
+    failure the temporary directory is removed. An existing ``out_dir`` raises ``FileExistsError`` unless
+    ``force``, in which case it is replaced only once the new export is complete. ``tokenizer`` may be None.
+    ``extra_metadata`` (JSON-serializable: recipe hash, versions...) goes to ``config.json["normquant"]["metadata"]``.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise FileExistsError(f"export directory {out_dir} exists; pass --force to overwrite")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"export path {out_dir} exists and is not a directory")
+    with atomic_directory(out_dir, force=force) as tmp:
+        _write_export(model, tokenizer, tmp, extra_metadata)
+    return out_dir
+
+
+def _write_export(model: nn.Module, tokenizer: Any, directory: Path, extra_metadata: dict | None) -> None:
+    tensors, qconfig, specs = compressed_checkpoint(model)
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    config["architectures"] = [type(model).__name__]
+    config["quantization_config"] = qconfig
+    config["normquant"] = {"export_version": EXPORT_VERSION, "quant_specs": specs,
+                           "metadata": dict(extra_metadata or {})}
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def _read_config(path: Path) -> dict | None:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_normquant_export(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory written by :func:`export_model`."""
+    config = _read_config(Path(path))
+    return (config is not None
+            and (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
+            and isinstance(config.get("normquant"), dict) and "export_version" in config["normquant"])
+
+
+def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """Load an :func:`export_model` directory: ``(model, tokenizer)``, tokenizer None when none was saved.
+
+    The model is built from its config (``architectures[0]``, without ``quantization_config``), its quantized
+    linears become QuantLinear modules with the exported specs, dequantized weights ``s * (q - z)``,
+    static input scales and fresh dynamic activation quantizers, so it computes what the exported model did.
+    """
+    path = Path(path)
+    if not is_normquant_export(path):
+        raise ExportError(f"{path} is not a normquant export (needs config.json with quantization_config "
+                          "and normquant sections)")
+    raw = _read_config(path)
+    section, qconfig = raw["normquant"], raw["quantization_config"]
+    if section["export_version"] > EXPORT_VERSION:
+        raise ExportError(f"{path} has export version {section['export_version']}, newer than this normquant "
+                          f"reads ({EXPORT_VERSION}); upgrade normquant")
+    model = _build_model(path, dtype)
+    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    replaced = _install_quant_linears(model, tensors, qconfig, section["quant_specs"], dtype)
+    prefixes = tuple(f"{name}." for name in replaced)
+    rest = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items() if not k.startswith(prefixes)}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    aliases = _tied_aliases(model)
+    missing = [k for k in missing if not k.startswith(prefixes) and k not in aliases]
+    if missing or unexpected:
+        raise ExportError(f"{path / WEIGHTS_NAME} does not match {raw['architectures'][0]}: "
+                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tokenizer = None
+    if (path / "tokenizer_config.json").exists():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    return model.to(device).eval(), tokenizer
+
+
+def _install_quant_linears(model: nn.Module, tensors: dict[str, torch.Tensor], qconfig: dict,
+                           quant_specs: dict, dtype: torch.dtype) -> list[str]:
+    """Replace every linear targeted by a config group with its decompressed QuantLinear; return their names."""
+    replaced: list[str] = []
+    ignore = qconfig.get("ignore") or []
+    for group_name, group in qconfig["config_groups"].items():
+        wspec, aspec = (spec_from_dict(quant_specs[group_name][role]) for role in ("weights", "input_activations"))
+        fmt = group.get("format") or qconfig["format"]
+        for name, module in list(model.named_modules()):
+            if (name in replaced or not is_linear(module) or not matches_any(group["targets"], name, module)
+                    or matches_any(ignore, name, module)):
+                continue
+            local = {k[len(name) + 1:]: t for k, t in tensors.items() if k.startswith(f"{name}.")}
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, decompress_linear(local, fmt, wspec, aspec, dtype))
+            replaced.append(name)
+    return replaced
+
+
+def _build_model(path: Path, dtype: torch.dtype) -> nn.Module:
+    """A randomly initialized model of the export's architecture, from its config minus the quantization parts."""
+    config = transformers.AutoConfig.from_pretrained(path)
+    for key in ("quantization_config", "normquant"):
+        if hasattr(config, key):
+            delattr(config, key)
+    architecture = (config.architectures or [None])[0]
+    model_class = getattr(transformers, architecture or "", None)
+    if model_class is None:
+        raise ExportError(f"{path}/config.json names architecture {architecture!r}, which transformers "
+                          f"{transformers.__version__} does not provide")
+    return model_class._from_config(config, dtype=dtype)
