@@ -48,6 +48,31 @@ class RMSNormWithBias(nn.Module):
         return self.norm(x) + self.bias
 
 
+class RMSNorm(nn.Module):
+    """``(offset + w) ⊙ x / sqrt(mean(x²) + ε)`` computed in float32 (float64 for float64 inputs), cast back:
+    the norm a LayerNorm becomes after norm fusion on a zero-mean residual stream (γ starts at 1). Unlike the
+    HF RMSNorms it keeps float64 inputs in float64 (exactness tests); ``offset`` 1 is Gemma's ``1 + w``."""
+
+    def __init__(self, width: int, eps: float = 1e-5, offset: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((width,), 1.0 - offset))
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        h = x.to(dt)
+        h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return ((self.offset + self.weight.to(dt)) * h).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (f", offset={self.offset:g}" if self.offset else "")
+
+
+def hf_weight(linear: nn.Module) -> torch.Tensor:
+    """The weight of a linear as ``[out, in]`` (a view: GPT-2's Conv1D stores ``[in, out]``); edits write through."""
+    return linear.weight.t() if is_conv1d(linear) else linear.weight
+
+
 def _offset(norm_kind: str) -> float:
     try:
         return GAMMA_OFFSET[norm_kind]

@@ -35,14 +35,20 @@ log = logging.getLogger(__name__)
 def wrap_linears(root: nn.Module, scheme: Scheme, prefix: str = "") -> dict[str, QuantLinear]:
     """Replace the scheme's target linears under ``root`` by QuantLinear; return them by name (relative to root).
 
+    A spec-less QuantLinear (a model-wide step put an online transform on it) gets the specs in place.
     Activation quantizers start disabled (``enabled=False``) until the block is finished.
     """
     wrapped = {}
     for name, module in list(root.named_modules()):
-        if not is_linear(module) or isinstance(module, QuantLinear):
+        if not is_linear(module) or (isinstance(module, QuantLinear) and module.has_specs):
             continue
         specs = scheme.specs_for(f"{prefix}{name}", module)
         if specs is None:
+            continue
+        if isinstance(module, QuantLinear):  # a carrier of an online transform (rotation): give it its specs
+            module.set_specs(*specs)
+            set_activation_quant([module], False)
+            wrapped[name] = module
             continue
         ql = QuantLinear.wrap(module, *specs)
         set_activation_quant([ql], False)

@@ -140,7 +140,12 @@ def calibrate_static_inputs(qls, run) -> None:
 
 
 class QuantLinear(nn.Module):
-    """Linear layer with fake-quantized weight and (optionally) input activations; ``y = Q(x) Q(W)^T + b``."""
+    """Linear layer with fake-quantized weight and (optionally) input activations; ``y = Q(T(x)) Q(W)^T + b``.
+
+    ``input_transform`` ``T`` (optional) is an online transform applied before the input quantizer (QuaRot's
+    Hadamard before ``down_proj``); the offline half of it is already folded into the weight. A QuantLinear
+    with no specs and a transform is a float carrier of the transform until :meth:`set_specs` gives it specs.
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weight_spec: QuantSpec | None,
                  input_spec: QuantSpec | None):
@@ -151,8 +156,21 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.weight_spec = weight_spec
         self.input_quant = ActivationQuantizer(input_spec) if input_spec is not None else None
+        self.input_transform: nn.Module | None = None
+        self.source_type: type = nn.Linear
         self.register_buffer("weight_scale", None)
         self.register_buffer("weight_zero_point", None)
+
+    @property
+    def has_specs(self) -> bool:
+        return self.weight_spec is not None or self.input_quant is not None
+
+    def set_specs(self, weight_spec: QuantSpec | None, input_spec: QuantSpec | None) -> None:
+        """Give a spec-less QuantLinear (a carrier of an online transform) its quantizers."""
+        if self.has_specs:
+            raise QuantError("this layer already has quantization specs")
+        self.weight_spec = weight_spec
+        self.input_quant = ActivationQuantizer(input_spec).to(self.weight.device) if input_spec is not None else None
 
     @classmethod
     def wrap(cls, module: nn.Module, weight_spec: QuantSpec | None, input_spec: QuantSpec | None) -> "QuantLinear":
@@ -163,7 +181,9 @@ class QuantLinear(nn.Module):
             weight = module.weight.t()
         else:
             raise QuantError(f"cannot quantize module of type {type(module).__name__}; only Linear and Conv1D")
-        return cls(weight, module.bias, weight_spec, input_spec)
+        ql = cls(weight, module.bias, weight_spec, input_spec)
+        ql.source_type = type(module)  # target matching by class name still sees Linear / Conv1D
+        return ql
 
     @property
     def weight_quantized(self) -> bool:
@@ -221,6 +241,8 @@ class QuantLinear(nn.Module):
         self.weight_scale, self.weight_zero_point = scale.float(), zero.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
         if self.input_quant is not None:
             x = self.input_quant(x)
         return F.linear(x, self.weight, self.bias)

@@ -36,8 +36,9 @@ def matches(pattern: str, name: str, module: nn.Module | None = None) -> bool:
         return re.match(pattern[len(REGEX_PREFIX):], name) is not None
     if name == pattern or name.endswith("." + pattern):
         return True
-    return module is not None and any(cls.__name__ == pattern for cls in type(module).__mro__
-                                      if issubclass(cls, nn.Module))
+    # a QuantLinear answers to the class names of the module it wrapped (``source_type``) as well
+    types = (type(module), getattr(module, "source_type", type(module))) if module is not None else ()
+    return any(cls.__name__ == pattern for t in types for cls in t.__mro__ if issubclass(cls, nn.Module))
 
 
 def matches_any(patterns, name: str, module: nn.Module | None = None) -> bool:
