@@ -2,7 +2,13 @@
 
 Everything is first written to a temporary sibling (``.<name>.partial-<random>``, same filesystem) and then
 renamed into place; on any failure (also ``KeyboardInterrupt``) the temporary is removed and an existing
-destination is left as it was. What appears has the modes of a plain write: files ``0666`` and directories
+destination is left as it was.
+
+A process killed outright (``kill -9``, power loss) cannot clean up, so temporaries carry their owner in the name
+(``.<name>.partial-<host>-<pid>-<random>``): the next atomic write into the same folder removes those whose
+process is gone on this host (:func:`clean_stale`), and restores a destination that a killed ``force`` replacement
+had moved aside (``.<name>.old-...``). :func:`check_destination` tells before any long work whether a
+destination can be written (not a file, writable, enough free space). What appears has the modes of a plain write: files ``0666`` and directories
 ``0777`` less the umask (``0644`` / ``0755``), also where a writer made them private (``tempfile``, and
 safetensors 0.8's ``save_file``, create ``0600`` files). Parent directories are created as needed. The
 guarantee is against failures of this process; nothing is fsync'ed.
@@ -20,16 +26,135 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import logging
 import os
+import re
 import shutil
+import socket
 import stat
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator
 
+log = logging.getLogger(__name__)
+
+
+class DestinationError(ValueError):
+    """A destination that cannot be written (a file in the way, read-only, not enough space); says what to do."""
+
+
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+_STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]{8}$")
+
 
 def _sibling(path: Path, kind: str) -> Path:
-    return path.parent / f".{path.name}.{kind}-{uuid.uuid4().hex[:8]}"
+    """``.<name>.<kind>-<host>-<pid>-<random>`` next to ``path``: the owner is in the name (see :func:`clean_stale`)."""
+    return path.parent / f".{path.name}.{kind}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def clean_stale(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that dead processes of this host left in ``folder``; return what was cleaned.
+
+    Only names of the form :func:`_sibling` writes are touched, and only when their process (pid in the name)
+    no longer exists: a run still writing keeps its files. A ``.<name>.old-*`` directory (a ``force`` replacement
+    killed between its two renames) is renamed back to ``<name>`` when that is missing, else deleted.
+    """
+    folder = Path(folder)
+    cleaned: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return cleaned
+    host = _host()
+    for entry in entries:
+        m = _STALE.match(entry.name)
+        if m is None or m["host"] != host or _alive(int(m["pid"])):
+            continue
+        path = folder / entry.name
+        try:
+            dest = folder / m["name"]
+            if m["kind"] == "old" and not dest.exists() and not dest.is_symlink():
+                os.replace(path, dest)
+                log.warning("restored %s, which an interrupted --force replacement had moved aside", dest)
+            else:
+                _remove(path)
+                log.info("removed %s, left by a normquant process (pid %s) that no longer runs", path, m["pid"])
+        except OSError:  # another process cleaned it first, or no permission: leave it
+            continue
+        cleaned.append(path)
+    return cleaned
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"  # pragma: no cover
+
+
+def check_destination(path: str | os.PathLike, *, force: bool = False, exist_ok: bool = False, need_bytes: int = 0,
+                      what: str = "export directory") -> Path:
+    """Check, before any long work, that directory ``path`` can be written; return it.
+
+    Refuses (:class:`DestinationError`, ``FileExistsError`` for an existing directory without ``force`` /
+    ``exist_ok``) a path that is a file or sits under one, a folder that cannot be written (tried with a probe
+    file, so read-only mounts and ACLs count, also for root), and less free space than ``need_bytes``. Creates
+    nothing that stays.
+    """
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise DestinationError(f"{what} {path} exists and is not a directory; remove it or choose another path")
+        if not (force or exist_ok):
+            raise FileExistsError(f"{what} {path} exists; pass --force to overwrite")
+    base = path if exist_ok and path.is_dir() else _existing_ancestor(path.parent)
+    if not base.is_dir():
+        raise DestinationError(f"cannot create {what} {path}: {base} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".normquant-probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise DestinationError(f"cannot write {what} {path}: {base} is not writable ({e.strerror or e}); "
+                               "choose a writable location") from None
+    if need_bytes > 0:
+        free = shutil.disk_usage(base).free
+        if free < need_bytes:
+            raise DestinationError(f"not enough free space for {what} {path}: it needs at least {_size(need_bytes)}, "
+                                   f"{base} has {_size(free)} free; free some space or choose another location")
+    return path
 
 
 @contextlib.contextmanager
@@ -38,6 +163,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     ``path``, on failure it is deleted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path.parent)
     tmp = _sibling(path, "partial")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as for open()
     mode = stat.S_IMODE(os.stat(tmp).st_mode)
@@ -76,6 +202,9 @@ def atomic_directory(dest: str | os.PathLike, force: bool = False) -> Iterator[P
     if dest.exists() and not force:
         raise FileExistsError(f"{dest} exists")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(dest.parent)
+    if dest.exists() and not force:  # clean_stale may have restored it
+        raise FileExistsError(f"{dest} exists")
     tmp = _sibling(dest, "partial")
     tmp.mkdir()  # 0777 less the umask
     try:

@@ -114,6 +114,7 @@ def test_roundtrip_reproduces_logits_exactly(tmp_path, scheme):
 
     reloaded, tokenizer = load_quantized(path)
     assert tokenizer is None
+    reloaded.set_attn_implementation("eager")  # as tiny_model: dynamic A8 puts each row's extreme on a rounding tie
     diff = (model_output(reloaded, ids) - before).abs().max().item()
     assert diff <= 1e-6  # measured: 0.0 for every scheme
     before_q, after_q = quant_linears(model), quant_linears(reloaded)
@@ -135,6 +136,7 @@ def test_mixed_precision_roundtrip(tmp_path):
     assert [g["format"] for g in qc["config_groups"].values()] == ["int-quantized", "pack-quantized"]
     assert all(".layers.0." in t for t in qc["config_groups"]["group_0"]["targets"])
     reloaded, _ = load_quantized(path)
+    reloaded.set_attn_implementation("eager")  # the same attention kernels as the in-memory tiny model
     assert (model_output(reloaded, ids) - before).abs().max().item() <= 1e-6  # measured: 0.0
 
 

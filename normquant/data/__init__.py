@@ -8,6 +8,12 @@ def calibration_ids(cal, model, tokenizer, data_dir=None):
     ``dataset: selfgen`` generates them with the model itself (Norm Tweaking's data, cached on disk);
     otherwise random segments of a text set (C4 validation by default).
     """
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(max_pos, int) and cal.seqlen > max_pos:
+        from normquant.data.text import DataError
+
+        raise DataError(f"calibration seqlen {cal.seqlen} exceeds the model's max_position_embeddings {max_pos}; "
+                        f"set calibration.seqlen to {max_pos} or less")
     if cal.dataset == "selfgen":
         from normquant.data.selfgen import generate_calibration
 

@@ -32,6 +32,7 @@ torch.Size([128, 2048])
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import os
 import re
@@ -40,9 +41,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from normquant.data.text import DataError
 from normquant.io import atomic_file
+from normquant.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +109,8 @@ def allowed_first_tokens(model: nn.Module, tokenizer, scripts=("Latin",)) -> tor
                                    clean_up_tokenization_spaces=False)
     keep = [i for i, t in zip(cand, texts) if passes_language_filter(t, scripts)]
     if not keep:
-        raise ValueError(f"no token of the vocabulary passes the language filter for scripts {tuple(scripts)}")
+        raise DataError(f"no token of the vocabulary passes the language filter for scripts {tuple(scripts)}; "
+                        "self-generated calibration needs alphabetic first tokens in one of these scripts")
     return torch.tensor(keep, dtype=torch.long)
 
 
@@ -147,6 +150,30 @@ def cache_path(model: nn.Module, tokenizer, n: int, seqlen: int, seed: int, scri
     return base / "selfgen" / f"{key}.pt"
 
 
+def _read_cache(path: Path, n: int, seqlen: int, seed: int, vocab: int) -> torch.Tensor | None:
+    """The cached ids ``[n, seqlen]`` when the file at ``path`` is intact and is what was asked for; else None
+    (a warning, the file removed: the data is generated again and the cache rewritten)."""
+    problem = None
+    try:
+        record = torch.load(path, weights_only=True)
+    except Exception as e:  # truncated, not a torch file, written by something else
+        record, problem = None, f"unreadable ({type(e).__name__})"
+    if problem is None:
+        ids = record.get("input_ids") if isinstance(record, dict) else None
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or tuple(ids.shape) != (n, seqlen):
+            problem = "input_ids missing or of the wrong shape/dtype"
+        elif (record.get("seed"), record.get("n"), record.get("seqlen"), record.get("format")) != (seed, n, seqlen,
+                                                                                                     FORMAT):
+            problem = "made for another seed, size or format"
+        elif ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            problem = "token ids outside the vocabulary"
+    if problem is None:
+        return ids
+    log.warning("self-generated calibration cache %s is %s; generating it again", path, problem)
+    path.unlink(missing_ok=True)
+    return None
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -165,10 +192,11 @@ def _generate_batch(model: nn.Module, first: torch.Tensor, n_greedy: torch.Tenso
     ids = torch.empty(b, seqlen, dtype=torch.long, device=device)
     ids[:, 0] = first.to(device)
     n_greedy, uniforms, banned = n_greedy.to(device), uniforms.to(device, torch.float64), banned.to(device)
+    key = _cache_argument(model)
     past, cur = None, ids[:, :1]
     for j in range(1, seqlen):
-        out = model(input_ids=cur, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=cur, use_cache=True, **{key: past})
+        past = out[key]
         logits = out.logits[:, -1].float()  # [b, V]
         logits = logits.masked_fill(banned[: logits.shape[-1]], float("-inf"))
         greedy = logits.argmax(dim=-1)  # [b]
@@ -178,6 +206,12 @@ def _generate_batch(model: nn.Module, first: torch.Tensor, n_greedy: torch.Tenso
         ids[:, j] = torch.where(j <= n_greedy, greedy, sampled)
         cur = ids[:, j:j + 1]
     return ids.cpu()
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The name under which the model's ``forward`` takes and returns the KV cache: ``cache`` in the transformers
+    releases that renamed it (``past_key_values`` warns there that it goes in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def generate_calibration(model: nn.Module, tokenizer, n: int = 128, seqlen: int = 2048, seed: int = 0,
@@ -190,15 +224,16 @@ def generate_calibration(model: nn.Module, tokenizer, n: int = 128, seqlen: int 
     of one 2048-token sample of a 7B fp16 model is ~1 GiB: lower it for large models).
     """
     if n <= 0 or seqlen < 2:
-        raise ValueError(f"need n >= 1 and seqlen >= 2, got n={n}, seqlen={seqlen}")
+        raise DataError(f"need n >= 1 and seqlen >= 2, got n={n}, seqlen={seqlen}")
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and seqlen > max_pos:
-        raise ValueError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {max_pos}")
+        raise DataError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {max_pos}")
     path = cache_path(model, tokenizer, n, seqlen, seed, scripts, cache_dir) if use_cache else None
     if path is not None and path.is_file():
-        record = torch.load(path, weights_only=True)
-        log.info("self-generated calibration data reloaded from %s (seed %d)", path, record["seed"])
-        return record["input_ids"]
+        ids = _read_cache(path, n, seqlen, seed, _vocab_size(model))
+        if ids is not None:
+            log.info("self-generated calibration data reloaded from %s (seed %d)", path, seed)
+            return ids
 
     g = torch.Generator().manual_seed(seed)
     allowed = allowed_first_tokens(model, tokenizer, scripts)  # [k]
@@ -216,7 +251,7 @@ def generate_calibration(model: nn.Module, tokenizer, n: int = 128, seqlen: int 
     model.eval()
     try:
         chunks = []
-        for i in tqdm(range(0, n, batch_size), desc="self-generating", disable=not progress, leave=False):
+        for i in progress_bar(range(0, n, batch_size), desc="self-generating", unit="batch", enabled=progress):
             s = slice(i, i + batch_size)
             chunks.append(_generate_batch(model, first[s], n_greedy[s], uniforms[s], banned))
     finally:

@@ -98,7 +98,13 @@ def load_rows(name: str, split: str, data_dir: str | os.PathLike | None = None) 
     path = Path(data_dir) / src.local[split]
     if not path.is_file():
         raise DataError(f"{path} not found; --data-dir must hold {src.local[split]}")
-    return src.read_local(path)
+    try:
+        return src.read_local(path)
+    except MemoryError:
+        raise
+    except Exception as e:  # not UTF-8, a truncated parquet file, no "text" column...
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise DataError(f"{path} cannot be read ({type(e).__name__}: {first}); replace it with a good copy") from None
 
 
 def load_text(name: str, split: str = "test", data_dir=None) -> str:
@@ -121,6 +127,8 @@ def calibration_samples(tokenizer, name: str = "c4", split: str = "validation", 
     """
     if split == "test":
         raise DataError(f"refusing to calibrate on the test split of {name}; use a train/validation split or c4")
+    if n < 1 or seqlen < 2:
+        raise DataError(f"calibration needs at least 1 sample of at least 2 tokens, got {n} x {seqlen}")
     rows = [r for r in load_rows(name, split, data_dir) if r.strip()]
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(rows), generator=g).tolist()

@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from normquant.progress import progress_bar
+
+from normquant.data.text import DataError
 
 
 @dataclass
@@ -38,7 +40,8 @@ def cut_windows(input_ids: torch.Tensor, seqlen: int) -> torch.Tensor:
     """``[1, n]`` -> ``[n // seqlen, seqlen]`` non-overlapping windows, tail dropped."""
     n = input_ids.numel() // seqlen
     if n == 0:
-        raise ValueError(f"evaluation text has {input_ids.numel()} tokens, fewer than one window of {seqlen}")
+        raise DataError(f"evaluation text has {input_ids.numel()} tokens, fewer than one window of {seqlen}; "
+                        "use a shorter --seqlen or a longer text")
     return input_ids.reshape(-1)[: n * seqlen].reshape(n, seqlen)
 
 
@@ -61,6 +64,10 @@ def _peak_memory_mb(device: torch.device) -> float:
 def evaluate_perplexity(model, input_ids: torch.Tensor, *, seqlen: int = 2048, windows: int | None = None,
                         batch_size: int = 1, progress: bool = True) -> PerplexityResult:
     """Perplexity of ``model`` on ``input_ids`` ``[1, n]`` under the protocol above."""
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(max_pos, int) and seqlen > max_pos:
+        raise DataError(f"evaluation seqlen {seqlen} exceeds the model's max_position_embeddings {max_pos}; "
+                        f"use --seqlen {max_pos} or less")
     all_windows = cut_windows(input_ids, seqlen)  # [n_windows, seqlen]
     total = all_windows.shape[0]
     use = all_windows[: min(windows, total)] if windows else all_windows
@@ -69,18 +76,19 @@ def evaluate_perplexity(model, input_ids: torch.Tensor, *, seqlen: int = 2048, w
         torch.cuda.reset_peak_memory_stats(device)
     nll_sum, count = 0.0, 0
     start = time.perf_counter()
-    bar = tqdm(total=use.shape[0], desc="perplexity", unit="win", disable=not progress, leave=False)
+    bar = progress_bar(total=use.shape[0], desc="perplexity", unit="window", enabled=progress)
     for i in range(0, use.shape[0], batch_size):
         batch = use[i:i + batch_size].to(device)  # [b, seqlen]
         logits = model(input_ids=batch, use_cache=False).logits  # [b, seqlen, vocab]
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
                               reduction="sum")
         if not torch.isfinite(nll):
-            raise FloatingPointError(f"non-finite loss in window {i}; the quantized model diverged")
+            raise FloatingPointError(f"non-finite loss in window {i}: the model computes NaN/inf logits (a diverged "
+                                     "quantization, or a float16 overflow: try --dtype float32)")
         nll_sum += nll.item()
         count += batch[:, 1:].numel()
-        bar.update(batch.shape[0])
         bar.set_postfix(ppl=f"{math.exp(nll_sum / count):.3f}")
+        bar.update(batch.shape[0])
     bar.close()
     seconds = time.perf_counter() - start
     mean = nll_sum / count

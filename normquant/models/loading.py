@@ -12,15 +12,19 @@ short name         pip install                     what
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from normquant.io import atomic_directory
+from normquant.io import atomic_directory, atomic_write_text
+from normquant.messages import one_line
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +71,94 @@ def _packaged_source(name: str) -> tuple[PackagedModel, Path]:
     return pm, Path(spec.origin).parent / pm.subpath
 
 
+#: written into a converted cache folder: every file's size, mtime and sha256 (see :func:`verify_cache`)
+CACHE_STAMP = "normquant_cache.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stamp(folder: Path) -> dict:
+    return {p.name: {"bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": _sha256(p)}
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != CACHE_STAMP}
+
+
+def _cache_problem(folder: Path) -> str | None:
+    """Why a converted model folder cannot be trusted, or None. Files whose size and mtime match the stamp are
+    trusted; others are hashed against it. A folder without a stamp (older normquant) is checked structurally:
+    config.json parses, every safetensors file holds what its header promises, tokenizer JSON files parse."""
+    from normquant.export.schema import ExportError
+    from normquant.export.verify import read_safetensors_header
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        if not isinstance(config, dict) or "model_type" not in config:
+            return "config.json has no model_type"
+        stamp_path = folder / CACHE_STAMP
+        if stamp_path.is_file():
+            stamp = json.loads(stamp_path.read_text())
+            for fname, want in stamp.items():
+                p = folder / fname
+                if not p.is_file():
+                    return f"{fname} is missing"
+                st = p.stat()
+                if st.st_size != want["bytes"]:
+                    return f"{fname} has {st.st_size} bytes, {want['bytes']} when converted"
+                if st.st_mtime_ns != want["mtime_ns"] and _sha256(p) != want["sha256"]:
+                    return f"{fname} changed since it was converted (checksum)"
+            return None
+        weights = sorted(folder.glob("*.safetensors"))
+        if not weights:
+            return "no *.safetensors file"
+        for p in weights:
+            read_safetensors_header(p)
+        for p in folder.glob("tokenizer*.json"):
+            json.loads(p.read_text())
+    except ExportError as e:
+        return one_line(e, 200)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{type(e).__name__}: {one_line(e, 160)}"
+    return None
+
+
+def verify_cache(folder: Path) -> bool:
+    """True when the converted model in ``folder`` is intact (writing its stamp if it had none); False otherwise."""
+    problem = _cache_problem(folder)
+    if problem is not None:
+        log.warning("the converted model cache %s is unreadable (%s); converting it again", folder, problem)
+        return False
+    if not (folder / CACHE_STAMP).is_file():
+        try:
+            atomic_write_text(folder / CACHE_STAMP, json.dumps(_stamp(folder), indent=1, sort_keys=True) + "\n")
+        except OSError:  # a read-only cache still works, unstamped
+            pass
+    return True
+
+
 def materialize_packaged(name: str) -> Path:
-    """Convert a packaged model once into ``cache_dir()/models/<name>`` (safetensors + tokenizer); return it."""
+    """Convert a packaged model once into ``cache_dir()/models/<name>`` (safetensors + tokenizer); return it.
+
+    The converted folder carries a stamp (:data:`CACHE_STAMP`); a folder that fails :func:`verify_cache`
+    (truncated, edited, half-deleted) is removed and converted again.
+    """
     pm, src = _packaged_source(name)
     dest = cache_dir() / "models" / name
-    if (dest / "config.json").exists():
-        return dest
     if not pm.causal:  # already a plain HF folder
         return src
+    if dest.exists():
+        if (dest / "config.json").exists() and verify_cache(dest):
+            return dest
+        if dest.is_dir():
+            shutil.rmtree(dest, ignore_errors=True)
+        else:
+            dest.unlink(missing_ok=True)
+        if dest.exists():
+            raise ModelLoadError(f"the cache folder {dest} is unreadable and cannot be removed; delete it and retry")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s (GGUF) to a safetensors folder in %s (once)", name, dest)
@@ -87,6 +171,7 @@ def materialize_packaged(name: str) -> Path:
         with atomic_directory(dest) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+            (tmp / CACHE_STAMP).write_text(json.dumps(_stamp(tmp), indent=1, sort_keys=True) + "\n")
     except FileExistsError:
         if (dest / "config.json").exists():  # converted meanwhile by another process
             return dest
@@ -103,6 +188,9 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype = "float32", devic
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
+    _check_device(device)
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ModelLoadError("no model given; pass --model or set model: in the recipe")
     path = Path(name_or_path).expanduser()
     if name_or_path in PACKAGED:
         path = materialize_packaged(name_or_path)
@@ -129,16 +217,83 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype = "float32", devic
         tok = AutoTokenizer.from_pretrained(src, **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
         config_cls = _auto_class(src, kwargs.get("gguf_file"))
         model = (AutoModelForCausalLM if config_cls == "causal" else AutoModel).from_pretrained(src, **kwargs)
-    except OSError as e:
-        raise ModelLoadError(f"cannot load model '{name_or_path}': {str(e).splitlines()[0]}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # the user's files: missing, truncated, unknown model_type, wrong-typed config...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelLoadError(f"cannot load model '{one_line(name_or_path, 200)}': {type(e).__name__}: "
+                             f"{one_line(first, 300)}") from e
     if "gguf_file" in kwargs:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     if device not in ("auto", "cpu"):
-        model.to(device)
+        try:
+            model.to(device)
+        except (RuntimeError, AssertionError, ValueError) as e:
+            raise ModelLoadError(f"device '{device}' is not usable here ({type(e).__name__}: "
+                                 f"{one_line(e, 160)}); use --device cpu") from None
+    check_finite_weights(model, name_or_path)
     model.eval()
     return model, tok
+
+
+def check_finite_weights(model, source: str) -> None:
+    """Refuse a model whose parameters hold NaN or inf (a corrupt checkpoint, a diverged run): every later number
+    would be meaningless, and the error would otherwise surface as a diverged quantization."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise ModelLoadError(f"model '{one_line(source, 200)}' has {bad} NaN/inf values in {name}; the checkpoint "
+                                 "is corrupt or comes from a diverged run: repair or replace it")
+
+
+def _check_device(device: str) -> None:
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"unknown device '{one_line(device, 60)}'; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ModelLoadError(f"device '{device}' is not available ({have} CUDA devices here); use --device cpu")
+
+
+def weights_numel(name_or_path: str) -> int | None:
+    """Number of weight values of a local (or already converted packaged) model, read from its safetensors
+    headers without loading it; None when unknown (hub id, GGUF, .bin, unreadable)."""
+    from normquant.export.verify import read_safetensors_header
+
+    folder = cache_dir() / "models" / name_or_path if name_or_path in PACKAGED else Path(name_or_path).expanduser()
+    try:
+        files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        if not files:
+            return None
+        total = 0
+        for f in files:
+            header, _ = read_safetensors_header(f)
+            for info in header.values():
+                n = 1
+                for d in info["shape"]:
+                    n *= int(d)
+                total += n
+        return total
+    except Exception:  # unreadable: loading will say why
+        return None
+
+
+def min_export_bytes(recipe) -> int:
+    """A lower bound of the size of ``recipe``'s export (0 when the source size is unknown): every value is
+    stored in at least the fewest bits the recipe uses. Used to refuse a destination without room *before*
+    quantizing; the exact size is checked again when the export is written."""
+    numel = weights_numel(recipe.model)
+    if not numel:
+        return 0
+    scheme = recipe.scheme
+    bits = [s.bits for s in [scheme.weights] + [o.weights for o in scheme.overrides] if s is not None]
+    dtype_bits = torch.empty(0, dtype=resolve_dtype(recipe.dtype)).element_size() * 8
+    return numel * min(bits + [dtype_bits]) // 8
 
 
 def _auto_class(src: str, gguf_file: str | None) -> str:

@@ -22,10 +22,10 @@ import logging
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from normquant.models.arch import get_architecture
 from normquant.pipeline.runner import BlockContext, run_blocks, walk_blocks
+from normquant.progress import progress_bar
 from normquant.quant.linear import QuantLinear, calibrate_static_inputs, is_linear, set_activation_quant
 from normquant.recipe import Recipe, RecipeError, Scheme
 
@@ -59,8 +59,13 @@ def wrap_linears(root: nn.Module, scheme: Scheme, prefix: str = "") -> dict[str,
 
 
 def quantize(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor | None = None, *,
-             device: str | torch.device = "cpu", progress: bool = True) -> nn.Module:
-    """Quantize ``model`` in place following ``recipe``; ``calib_ids`` ``[N, L]`` when the recipe needs data."""
+             device: str | torch.device = "cpu", progress: bool = True, checkpoint=None) -> nn.Module:
+    """Quantize ``model`` in place following ``recipe``; ``calib_ids`` ``[N, L]`` when the recipe needs data.
+
+    ``checkpoint`` (opt-in, :class:`~normquant.pipeline.resume.BlockCheckpoint`): every finished block is saved,
+    and blocks an earlier, interrupted run of the same recipe, model and data finished are restored instead of
+    quantized again; the result is byte-identical. Without it nothing is saved or read.
+    """
     if recipe.needs_data and calib_ids is None:
         raise RecipeError("this recipe needs calibration data (a step or a static activation quantizer)")
     model_wide = [s for s in recipe.steps if s.model_wide()]
@@ -72,15 +77,25 @@ def quantize(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor | None = 
         contexts = run_blocks(model, calib_ids, device=device, batch_size=recipe.calibration.batch_size)
     else:
         contexts = walk_blocks(model)
-    wrapped = 0
-    with tqdm(desc="blocks", disable=not progress, leave=False) as bar:
+    wrapped, done = 0, 0
+    with progress_bar(desc="blocks", unit="block", enabled=progress) as bar:
         for ctx in contexts:
             bar.total = ctx.num_blocks
-            ctx.quant_linears = wrap_linears(ctx.block, recipe.scheme, prefix=f"{ctx.name}." if ctx.name else "")
+            if checkpoint is not None and ctx.index == 0:  # resume hook: identify the run, restore what is done
+                done = checkpoint.begin(model, recipe, calib_ids if recipe.needs_data else None,
+                                        ctx.name.rpartition(".")[0])
+            if ctx.index < done:
+                checkpoint.restore(ctx, recipe.steps)
+            else:
+                if checkpoint is not None:
+                    checkpoint.before_block(ctx)
+                ctx.quant_linears = wrap_linears(ctx.block, recipe.scheme, prefix=f"{ctx.name}." if ctx.name else "")
+                process_block(ctx, recipe)
             wrapped += len(ctx.quant_linears)
-            process_block(ctx, recipe)
             if ctx.has_data:
                 ctx.advance()
+            if checkpoint is not None and ctx.index >= done:
+                checkpoint.save(ctx, recipe.steps)
             bar.update(1)
     wrapped += _quantize_tail(model, recipe.scheme, calib_ids if recipe.needs_data else None,
                               recipe.calibration.batch_size)
