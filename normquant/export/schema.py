@@ -47,6 +47,9 @@ def quantization_args(spec: QuantSpec, role: str) -> dict[str, Any]:
     if role == "input_activations" and strategy == "channel":
         raise ExportError(f"activation spec {spec.short()} cannot be exported: compressed-tensors has no per-channel "
                           "activation strategy; use granularity tensor (static) or token (dynamic)")
+    if spec.outlier_threshold is not None:
+        raise ExportError(f"activation spec {spec.short()} uses the LLM.int8 decomposition (outlier_threshold), which "
+                          "compressed-tensors cannot express; export a scheme without it")
     dynamic = spec.dynamic and role == "input_activations"
     args: dict[str, Any] = {
         "num_bits": spec.bits,

@@ -25,6 +25,8 @@ class QuantSpec(BaseModel):
       ``token`` (one scale per row of the last dimension, activations).
     * ``dynamic``: activation scales computed on the fly for every forward pass (otherwise calibrated once).
     * ``clip_ratio``: the range is shrunk by this factor before the scale is computed (QuaRot uses 0.9).
+    * ``outlier_threshold`` (dynamic per-token activations): LLM.int8()'s decomposition — input columns with
+      any ``|x| ≥`` this value in a forward pass stay float (:mod:`normquant.quant.llm_int8`; 6.0 in the paper).
     * ``observer`` (static activations): how calibration picks the range — ``minmax`` (the full observed
       range) or ``percentile`` (the RepQ-ViT search, METHODS §5.2: of the clips at the 0.999 / 0.9999 /
       0.99999 quantiles, the one with the lowest fake-quant MSE on the calibration values).
@@ -39,9 +41,13 @@ class QuantSpec(BaseModel):
     dynamic: StrictBool = False
     clip_ratio: float = Field(default=1.0, gt=0.0, le=1.0)
     observer: Literal["minmax", "percentile"] = "minmax"
+    outlier_threshold: float | None = Field(default=None, gt=0.0)
 
     @model_validator(mode="after")
     def _check(self) -> "QuantSpec":
+        if self.outlier_threshold is not None and not (self.dynamic and self.granularity == "token"):
+            raise ValueError("outlier_threshold (LLM.int8 decomposition) is for dynamic per-token input activations: "
+                             "set dynamic: true and granularity: token")
         if self.granularity == "group" and self.group_size is None:
             raise ValueError("granularity 'group' needs group_size (e.g. group_size: 64)")
         if self.granularity != "group" and self.group_size is not None:
@@ -61,4 +67,6 @@ class QuantSpec(BaseModel):
 
     def short(self) -> str:
         g = {"group": f"g{self.group_size}", "channel": "ch", "tensor": "t", "token": "tok"}[self.granularity]
-        return f"int{self.bits}-{'sym' if self.symmetric else 'asym'}-{g}{'-dyn' if self.dynamic else ''}"
+        out = f"{self.outlier_threshold:g}" if self.outlier_threshold is not None else None
+        return (f"int{self.bits}-{'sym' if self.symmetric else 'asym'}-{g}{'-dyn' if self.dynamic else ''}"
+                + (f"-outliers{out}" if out else ""))
