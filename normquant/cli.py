@@ -1,14 +1,17 @@
-"""Command line: ``normquant run | eval | export | sensitivity | inspect``.
+"""Command line: ``normquant run | eval | export | sensitivity | inspect | report``.
 
 Every user error ends in one line ``normquant: error: ...`` and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 EXAMPLES = """examples:
@@ -17,7 +20,8 @@ EXAMPLES = """examples:
   normquant eval --model out/w4/model --data-dir ../shared/data --windows 16 --json
   normquant export recipes/w8a16_rtn.yaml --output exports/smollm2-w8
   normquant sensitivity recipes/w8a8_rtn.yaml --data-dir ../shared/data --windows 4
-  normquant inspect smollm2-135m --data-dir ../shared/data --output eval/inspect_smollm2
+  normquant inspect smollm2-135m --data-dir ../shared/data --output out/inspect-smollm2
+  normquant report out/*/results.json --format md
 
 models: a packaged short name (smollm2-135m, minilm-l6), a local folder, a .gguf file, a hub id (owner/name)
         or a normquant export. Data: --data-dir (or $NORMQUANT_DATA_DIR) for offline copies, else `datasets`.
@@ -28,14 +32,81 @@ class UserError(Exception):
     pass
 
 
+# ---------------------------------------------------------------------------------------------- logging
+_HANDLER_MARK = "_normquant_cli_handler"
+
+
+def setup_logging(quiet: bool = False) -> None:
+    """normquant's messages under its own logger only (``normquant: <message>`` on stderr from a handler on the
+    ``normquant`` logger; the root logger is never configured, so other libraries' records are not re-printed
+    under normquant's name). Info lines (progress, estimates) unless ``quiet``.
+
+    Other libraries: with ``quiet`` their warnings, info and progress bars are silenced (transformers,
+    huggingface_hub, datasets, Python warnings, compressed-tensors' loguru); when stderr is not a terminal their
+    progress bars are off anyway (no ``\\r`` updates in a log), and normquant's own become plain lines.
+    """
+    from normquant import progress
+
+    logger = logging.getLogger("normquant")
+    for h in [h for h in logger.handlers if getattr(h, _HANDLER_MARK, False)]:
+        logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("normquant: %(message)s"))
+    setattr(handler, _HANDLER_MARK, True)
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)  # propagates: a host app's root handlers see it
+    progress.configure("off" if quiet else None)
+    bars_off = quiet or progress.mode() != "bar"
+    if bars_off:  # read when the libraries are imported...
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if quiet:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+        os.environ.setdefault("DATASETS_VERBOSITY", "error")
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        try:
+            from loguru import logger as loguru_logger
+
+            loguru_logger.disable("compressed_tensors")
+        except ImportError:
+            pass
+    # ...and set directly on those already imported (normquant.main() called in-process)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        if bars_off:
+            hf_logging.disable_progress_bar()
+        if quiet:
+            hf_logging.set_verbosity_error()
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars, logging as hub_logging
+
+        if bars_off:
+            disable_progress_bars()
+        if quiet:
+            hub_logging.set_verbosity_error()
+    if bars_off and "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+
+
 def _add_common(p: argparse.ArgumentParser, model_required: bool = False) -> None:
     p.add_argument("--model", required=model_required, help="model name/path (overrides the recipe's)")
     p.add_argument("--windows", type=int, help="evaluate the first N windows only (labelled as a subset)")
     p.add_argument("--seqlen", type=int, help="evaluation window length (default 2048)")
     p.add_argument("--data-dir", help="folder with offline copies (wiki.test.raw, ptb.test.txt, c4 parquet)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (accelerate device_map)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (accelerate device_map)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"])
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true",
+                   help="results only: no progress, estimates or info lines, and other libraries' output silenced")
+
+
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-samples", type=int, metavar="N", help="calibration segments (overrides the recipe's)")
+    p.add_argument("--calib-seqlen", type=int, metavar="L", help="tokens per calibration segment (overrides the recipe's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("recipe")
     _add_common(run)
+    _add_calibration(run)
     run.add_argument("--output", help="results folder (default out/<recipe name>)")
     run.add_argument("--export", metavar="DIR", help="also export the quantized checkpoint to DIR")
     run.add_argument("--force", action="store_true", help="overwrite an existing export directory")
+    run.add_argument("--resume", action="store_true", help="checkpoint every finished block under the results "
+                     "folder (OUTPUT/resume) and continue an interrupted run of the same recipe there")
     run.add_argument("--no-baseline", action="store_true", help="skip the float evaluation")
     ev = sub.add_parser("eval", help="perplexity of a model or an exported checkpoint")
     _add_common(ev, model_required=True)
@@ -57,11 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="quantize and export a checkpoint (no evaluation)")
     ex.add_argument("recipe")
     _add_common(ex)
+    _add_calibration(ex)
     ex.add_argument("--output", required=True, help="export directory")
     ex.add_argument("--force", action="store_true", help="overwrite an existing export directory")
+    ex.add_argument("--resume", action="store_true", help="checkpoint every finished block (in OUTPUT.resume) and "
+                    "continue an interrupted export of the same recipe")
     se = sub.add_parser("sensitivity", help="quantize one module kind at a time and rank the perplexity cost")
     se.add_argument("recipe", help="recipe whose weight/activation specs are tried one module kind at a time")
     _add_common(se)
+    _add_calibration(se)
     se.add_argument("--output", help="JSON report path (default out/sensitivity-<recipe>.json)")
     ins = sub.add_parser("inspect", help="per-channel activation ranges at every norm boundary: PNG + JSON")
     ins.add_argument("model", help="model name/path")
@@ -69,21 +147,32 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--seqlen", type=int, default=512, help="tokens per segment (default 512)")
     ins.add_argument("--threshold", type=float, default=6.0, help="outlier threshold on |x| (default 6)")
     ins.add_argument("--data-dir", help="folder with offline copies (c4 parquet)")
-    ins.add_argument("--device", default="cpu")
+    ins.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     ins.add_argument("--output", default="out/inspect", help="folder for inspect.png and inspect.json")
+    ins.add_argument("--force", action="store_true", help="overwrite an existing inspect.json / inspect.png")
+    ins.add_argument("--quiet", action="store_true", help="results only (as for the other commands)")
+    rep = sub.add_parser("report", help="table of results.json records (Markdown or CSV)")
+    rep.add_argument("results", nargs="+", help="results.json files of normquant run (e.g. out/*/results.json)")
+    rep.add_argument("--format", choices=["md", "csv"], default="md", help="Markdown (default) or CSV")
+    rep.add_argument("--output", help="write the table to this file (default: stdout)")
+    rep.add_argument("--force", action="store_true", help="overwrite an existing --output file")
+    rep.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
 def _overrides(args) -> dict:
     ev = {k: v for k, v in {"windows": args.windows, "seqlen": args.seqlen}.items() if v is not None}
     top = {k: v for k, v in {"model": args.model, "device": args.device, "dtype": args.dtype}.items() if v}
-    return {**top, **({"evaluation": ev} if ev else {})}
+    cal = {k: v for k, v in {"samples": getattr(args, "calib_samples", None),
+                             "seqlen": getattr(args, "calib_seqlen", None)}.items() if v is not None}
+    return {**top, **({"evaluation": ev} if ev else {}), **({"calibration": cal} if cal else {})}
 
 
 def _load(recipe):
+    from normquant.devices import check_device
     from normquant.models.loading import load_model
 
-    return load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
+    return load_model(recipe.model, dtype=recipe.dtype, device=check_device(recipe.device))
 
 
 def _eval(model, tok, ev, data_dir, progress):
@@ -133,7 +222,8 @@ def cmd_run(args) -> int:
         print(f"float      ppl {res.ppl:.3f}  ({res.windows}/{res.windows_total} windows, {res.tokens_per_s:.0f} tok/s)")
     t0 = time.perf_counter()
     calib = _calibration(recipe, model, tok, args.data_dir)
-    quantize(model, recipe, calib, device=model_device_str(model), progress=progress)
+    quantize(model, recipe, calib, device=model_device_str(model), progress=progress,
+             checkpoint=_resume_checkpoint(args, recipe))
     record["quantize_seconds"] = time.perf_counter() - t0
     if calib is not None:
         c = recipe.calibration
@@ -162,20 +252,36 @@ def model_device_str(model) -> str:
 
 
 def cmd_eval(args) -> int:
+    from normquant.devices import check_device
+    from normquant.evaluation.datasets import eval_split
     from normquant.evaluation.records import environment, perplexity_record
     from normquant.models.loading import load_model
     from normquant.recipe import Evaluation
 
-    model, tok = load_model(args.model, dtype=args.dtype or "float32", device=args.device or "cpu")
     ev = Evaluation(dataset=args.dataset, seqlen=args.seqlen or 2048, windows=args.windows,
-                    split="validation" if args.dataset == "c4" else "test")
+                    split=eval_split(args.dataset))
+    model, tok = load_model(args.model, dtype=args.dtype or "float32", device=check_device(args.device))
+    serving = _serving_section(args.model)
+    if serving and serving.get("parity") != "exact":
+        for note in serving.get("notes", []):
+            logging.getLogger("normquant").warning("this export in transformers + compressed-tensors: %s", note)
     res = _eval(model, tok, ev, args.data_dir, not args.quiet)
     record = {**perplexity_record(args.model, ev.dataset, ev.split, res), "environment": environment()}
+    if serving:
+        record["serving"] = serving
     if args.json:
         print(json.dumps(record, indent=2))
     else:
         print(f"{args.model}: ppl {res.ppl:.3f}  [{record['protocol']}]  {res.tokens_per_s:.0f} tok/s")
     return 0
+
+
+def _serving_section(model: str) -> dict | None:
+    """``config.json["normquant"]["serving"]`` of an export (None for anything else)."""
+    try:
+        return json.loads((Path(model) / "config.json").read_text())["normquant"].get("serving")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def cmd_export(args) -> int:
@@ -188,6 +294,7 @@ def cmd_export(args) -> int:
         raise UserError(f"export directory {args.output} exists; pass --force to overwrite")
     model, tok = _load(recipe)
     quantize(model, recipe, _calibration(recipe, model, tok, args.data_dir), device=model_device_str(model),
+             checkpoint=_resume_checkpoint(args, recipe),
              progress=not args.quiet)
     path = export_model(model, tok, args.output, force=args.force,
                         extra_metadata={"recipe": recipe.name, "recipe_hash": recipe.hash()})
@@ -200,7 +307,10 @@ def cmd_sensitivity(args) -> int:
     from normquant.evaluation.records import write_json
     from normquant.recipe import load_recipe
 
+    from normquant.devices import check_device
+
     recipe = load_recipe(args.recipe, _overrides(args))
+    check_device(recipe.device)
     report = sensitivity_report(recipe, data_dir=args.data_dir, progress=not args.quiet)
     out = Path(args.output or Path("out") / f"sensitivity-{recipe.name}.json")
     write_json(out, report)
@@ -213,14 +323,18 @@ def cmd_inspect(args) -> int:
     from normquant.data.text import calibration_samples
     from normquant.evaluation.inspect import inspect_activations, plot_report
     from normquant.evaluation.records import environment, write_json
+    from normquant.devices import check_device
     from normquant.models.loading import load_model
 
-    model, tok = load_model(args.model, device=args.device)
+    out = Path(args.output)
+    existing = [p for p in (out / "inspect.json", out / "inspect.png") if p.exists()]
+    if existing and not args.force:
+        raise UserError(f"{existing[0]} exists; pass --force to overwrite it, or choose another --output")
+    model, tok = load_model(args.model, device=check_device(args.device))
     calib = calibration_samples(tok, "c4", "validation", n=args.samples, seqlen=args.seqlen, seed=0,
                                 data_dir=args.data_dir)
     report = {"model": args.model, "calibration": "c4/validation seed 0",
               **inspect_activations(model, calib, threshold=args.threshold), "environment": environment()}
-    out = Path(args.output)
     write_json(out / "inspect.json", report)
     png = plot_report(report, out / "inspect.png", title=f"{args.model}: norm-output ranges")
     for kind, s in report["summary"].items():
@@ -230,19 +344,136 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from normquant.evaluation.report import ReportError, load_rows, to_csv, to_markdown
+    from normquant.io import atomic_write_text
+
+    try:
+        rows = load_rows(args.results)
+    except ReportError as e:
+        raise UserError(str(e)) from None
+    text = to_csv(rows) if args.format == "csv" else to_markdown(rows) + "\n"
+    if args.output:
+        if Path(args.output).exists() and not args.force:
+            raise UserError(f"{args.output} exists; pass --force to overwrite it")
+        atomic_write_text(args.output, text)
+        print(f"{len(rows)} rows: {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "eval": cmd_eval, "export": cmd_export, "sensitivity": cmd_sensitivity,
-            "inspect": cmd_inspect}
+            "inspect": cmd_inspect, "report": cmd_report}
+
+
+# ---------------------------------------------------------------------------------------------- error boundary
+def _preflight(args) -> None:
+    """Before any model is loaded or quantized (run, export): the recipe parses and every destination can be
+    written — not a file, writable, not an existing export without --force, room for at least the export's
+    smallest possible size. A run must not die on its destination after an hour of quantizing. inspect and
+    sensitivity: their output folder can be written."""
+    from normquant.io import check_destination
+
+    if args.command == "inspect":
+        check_destination(Path(args.output), exist_ok=True, what="output folder")
+        return
+    if args.command not in ("run", "export", "sensitivity"):
+        return
+    from normquant.models.loading import min_export_bytes
+    from normquant.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, _overrides(args))
+    if args.command == "sensitivity":
+        report = Path(args.output or Path("out") / f"sensitivity-{recipe.name}.json")
+        if report.is_dir():
+            raise UserError(f"report path {report} is a folder; --output takes a .json file path")
+        check_destination(report.parent, exist_ok=True, what="report folder")
+        return
+    if args.command == "export":
+        export_dir, force = args.output, args.force
+    else:
+        export_dir = args.export or (recipe.export.path if recipe.export.enabled else None)
+        force = args.force or recipe.export.force
+        check_destination(Path(args.output or Path("out") / recipe.name), exist_ok=True, what="results folder")
+    if export_dir:
+        check_destination(export_dir, force=force, need_bytes=min_export_bytes(recipe))
+
+
+def _resume_dir(args, recipe) -> Path:
+    if args.command == "export":
+        return Path(f"{Path(args.output)}.resume")
+    return Path(args.output or Path("out") / recipe.name) / "resume"
+
+
+def _resume_checkpoint(args, recipe):
+    """The per-block checkpoints of ``--resume`` (None without it); :func:`main` removes them after success."""
+    if not getattr(args, "resume", False):
+        return None
+    from normquant.pipeline.resume import BlockCheckpoint
+
+    args.checkpoint = BlockCheckpoint(_resume_dir(args, recipe))
+    return args.checkpoint
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (``kill``, a scheduler's timeout) unwinds like Ctrl-C, so temporaries are removed on the way out."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="normquant: %(message)s")
-    from normquant.errors import USER_ERRORS
+    """The one error boundary: a failure the user can fix ends in one line ``normquant: error: <what to fix>``
+    (exit 2); Ctrl-C / SIGTERM in ``normquant: interrupted ...`` (exit 130) with no partial export left; anything
+    else is a bug: one ``normquant: internal error`` line (exit 1), the traceback with ``--debug`` (anywhere on
+    the command line) or ``NORMQUANT_DEBUG=1``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("NORMQUANT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="print the traceback of any error (also NORMQUANT_DEBUG=1)")
+    args = parser.parse_args(argv)
+    args.debug = debug
+    setup_logging(quiet=getattr(args, "quiet", False))
+    from normquant.errors import user_message
+    from normquant.messages import one_line
 
     try:
-        return COMMANDS[args.command](args)
-    except (UserError, *USER_ERRORS) as e:
-        print(f"normquant: error: {e}", file=sys.stderr)
+        with _sigterm_interrupts():
+            _preflight(args)
+            rc = COMMANDS[args.command](args)
+            if rc == 0 and getattr(args, "checkpoint", None) is not None:
+                args.checkpoint.remove()  # everything that used the quantized model succeeded
+            return rc
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        resume = " (--resume continues from the last finished block)" if getattr(args, "resume", False) else ""
+        print(f"normquant: interrupted; no partial export or results file was left behind{resume}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        message = one_line(e) if isinstance(e, UserError) else user_message(e)
+        if message is None:
+            print(f"normquant: internal error: {type(e).__name__}: {one_line(e, 300)} -- a bug in normquant; rerun "
+                  "with --debug for the traceback and report it", file=sys.stderr)
+            return 1
+        print(f"normquant: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from normquant.quant.primitives import (QuantError, choose_qparams, dequantize, fake_quantize, fake_quantize_dynamic,
+from normquant.quant.primitives import (QuantError, choose_qparams, dequantize, fake_quantize, fake_quantize_activation,
                                         fake_quantize_view, qparams_from_range, quantize, quantize_view, reduction_view)
 from normquant.quant.spec import QuantSpec
 
@@ -54,8 +54,39 @@ def test_activation_per_channel_and_token():
     want = naive_rows(x.reshape(-1, 12).t(), spec_c).t().reshape(x.shape)
     assert torch.allclose(fake_quantize(x, s, z, spec_c, channel_axis=-1), want, atol=1e-12, rtol=0)
     spec_t = QuantSpec(bits=8, granularity="token", dynamic=True)
-    want = naive_rows(x.reshape(-1, 12), spec_t).reshape(x.shape)
-    assert torch.allclose(fake_quantize_dynamic(x, spec_t), want, atol=1e-12, rtol=0)
+    want = naive_serving_rows(x.reshape(-1, 12), spec_t).reshape(x.shape)
+    assert torch.allclose(fake_quantize_activation(x, spec_t), want, atol=1e-12, rtol=0)  # measured 0.0
+
+
+def naive_serving_rows(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """compressed-tensors' dynamic activation quantizer, one row at a time: signed grid, s = absmax/((2^b-1)/2)."""
+    out = torch.empty_like(rows, dtype=torch.float64)
+    qmin, qmax = -(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1
+    for i, r in enumerate(rows.double()):
+        lo, hi = min(r.min().item(), 0.0), max(r.max().item(), 0.0)
+        if spec.symmetric:
+            s, z = max(abs(lo), hi) / ((qmax - qmin) / 2), 0.0
+        else:
+            s = (hi - lo) / (qmax - qmin)
+            z = round(min(max(qmin - lo / s, qmin), qmax))
+        for j, v in enumerate(r.tolist()):
+            out[i, j] = s * (round(min(max(v / s + z, qmin), qmax)) - z)
+    return out
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_dynamic_activation_uses_the_serving_formula(symmetric):
+    """Per token: s = absmax / 127.5 (compressed-tensors), so the largest |x| of a row lands on ±127.5 steps:
+    the positive extreme is clipped to 127 steps, the negative one rounds (half to even) to -128 steps."""
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, 16, dtype=torch.float64)
+    spec = QuantSpec(bits=8, symmetric=symmetric, granularity="token", dynamic=True)
+    want = naive_serving_rows(x.reshape(-1, 16), spec).reshape(x.shape)
+    assert torch.allclose(fake_quantize_activation(x, spec), want, atol=1e-12, rtol=0)  # measured 0.0
+    if symmetric:
+        row = torch.tensor([[[-1.0, 0.5, 1.0]]], dtype=torch.float64)
+        out = fake_quantize_activation(row, spec)[0, 0]
+        assert out[0].item() == pytest.approx(-128 / 127.5) and out[2].item() == pytest.approx(127 / 127.5)
 
 
 @settings(max_examples=60, deadline=None)

@@ -17,6 +17,7 @@ from normquant.evaluation.records import environment
 from normquant.models.arch import get_blocks
 from normquant.models.loading import load_model
 from normquant.pipeline.run import quantize
+from normquant.progress import progress_bar
 from normquant.quant.linear import is_linear
 from normquant.recipe import Recipe
 
@@ -44,23 +45,22 @@ def sensitivity_report(recipe: Recipe, *, data_dir=None, progress: bool = True) 
     base = ppl(model)
     rows = []
     calib = None
-    for kind in module_kinds(model, recipe):
-        for part in ("weights", "input_activations"):
-            spec = getattr(recipe.scheme, part)
-            if spec is None:
-                continue
-            scheme = recipe.scheme.model_copy(update={
-                "targets": [f"re:\\.{kind}$"], "overrides": [],
-                "weights": spec if part == "weights" else None,
-                "input_activations": spec if part == "input_activations" else None})
-            one = recipe.model_copy(update={"scheme": scheme, "steps": recipe.steps if part == "weights" else []})
-            if one.needs_data and calib is None:
-                calib = calibration_ids(recipe.calibration, model, tok, data_dir)
-            m = quantize(copy.deepcopy(model), one, calib if one.needs_data else None, progress=False)
-            res = ppl(m)
-            rows.append({"module": kind, "part": part, "spec": spec.short(), "ppl": res.ppl,
-                         "delta_ppl": res.ppl - base.ppl, "delta_pct": 100 * (res.ppl / base.ppl - 1)})
-            del m
+    todo = [(kind, part) for kind in module_kinds(model, recipe) for part in ("weights", "input_activations")
+            if getattr(recipe.scheme, part) is not None]
+    for kind, part in progress_bar(todo, desc="sensitivity rows", unit="row", enabled=progress):  # one row each
+        spec = getattr(recipe.scheme, part)
+        scheme = recipe.scheme.model_copy(update={
+            "targets": [f"re:\\.{kind}$"], "overrides": [],
+            "weights": spec if part == "weights" else None,
+            "input_activations": spec if part == "input_activations" else None})
+        one = recipe.model_copy(update={"scheme": scheme, "steps": recipe.steps if part == "weights" else []})
+        if one.needs_data and calib is None:
+            calib = calibration_ids(recipe.calibration, model, tok, data_dir)
+        m = quantize(copy.deepcopy(model), one, calib if one.needs_data else None, progress=False)
+        res = evaluate_perplexity(m, ids, seqlen=ev.seqlen, windows=ev.windows, progress=False)
+        rows.append({"module": kind, "part": part, "spec": spec.short(), "ppl": res.ppl,
+                     "delta_ppl": res.ppl - base.ppl, "delta_pct": 100 * (res.ppl / base.ppl - 1)})
+        del m
     rows.sort(key=lambda r: -r["delta_ppl"])
     lines = [f"float ppl {base.ppl:.3f} ({base.windows}/{base.windows_total} windows of {base.seqlen})",
              f"{'rank':>4} {'module':<12} {'part':<18} {'spec':<18} {'ppl':>9} {'delta':>8}"]

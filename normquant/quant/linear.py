@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normquant.quant.llm_int8 import decompose
 from normquant.quant.observers import ReservoirObserver
 from normquant.quant.primitives import (
     QuantError,
@@ -25,7 +26,7 @@ from normquant.quant.primitives import (
     code_dtype,
     dequantize_view,
     fake_quantize,
-    fake_quantize_dynamic,
+    fake_quantize_activation,
     qparams_from_range,
     quantize_view,
     reduction_view,
@@ -37,9 +38,11 @@ PERCENTILE_SAMPLE_VALUES = 2**24  # values kept per quantizer for observer: perc
 
 
 class ActivationQuantizer(nn.Module):
-    """Fake-quantizes a linear's input ``[..., C]``.
+    """Fake-quantizes a linear's input ``[..., C]`` with the serving stack's arithmetic
+    (:func:`~normquant.quant.primitives.fake_quantize_activation`: what compressed-tensors computes when it runs
+    an export, so normquant's numbers are the deployed model's).
 
-    Dynamic specs compute qparams per call. Static specs (``tensor`` or ``channel``) are calibrated: while
+    Dynamic specs compute qparams per call (compressed-tensors' formula). Static specs (``tensor`` or ``channel``) are calibrated: while
     ``observing`` is true the input passes unchanged and is recorded — the running min/max, or for
     ``observer: percentile`` a uniform sample of at most :data:`PERCENTILE_SAMPLE_VALUES` values (whole
     tokens); :meth:`freeze` turns the range (min-max, or the percentile search of
@@ -65,13 +68,15 @@ class ActivationQuantizer(nn.Module):
         if not self.enabled:
             return x
         if self.spec.dynamic:
-            return fake_quantize_dynamic(x, self.spec, channel_axis=-1)
+            if self.spec.outlier_threshold is not None:  # LLM.int8(): outlier columns stay float
+                return decompose(x, self.spec.outlier_threshold, lambda v: fake_quantize_activation(v, self.spec))
+            return fake_quantize_activation(x, self.spec)
         if self.observing:
             self.observe(x)
             return x
         if self.scale is None:
             raise QuantError("static activation quantizer used before calibration; run calibration first")
-        return fake_quantize(x, self.scale.to(x.dtype), self.zero_point.to(x.dtype), self.spec, channel_axis=-1)
+        return fake_quantize_activation(x, self.spec, self.scale, self.zero_point)
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:

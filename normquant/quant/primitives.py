@@ -16,8 +16,10 @@ token          ``[out, in]``           ``[T, C]``
 
 This module is normquant's only quantizer arithmetic: :func:`qparams_from_range` is the only qparams formula
 of the min-max grid (RepQuant's differentiable bounds use :func:`normquant.quant.search.channel_qparams`), and
-:func:`quantize_view` / :func:`dequantize_view` / :func:`fake_quantize_view` are the only round/clamp code —
-QuantLinear, activation quantizers, GPTQ, the clip searches and the export all call them.
+:func:`quantize_view` / :func:`dequantize_view` / :func:`fake_quantize_view` are the only round/clamp code for
+weights — QuantLinear, GPTQ, the clip searches and the export call them. Input activations, whose arithmetic a
+server recomputes on every forward, use :func:`fake_quantize_activation`: compressed-tensors' own formulas and op
+order (see "Input activations" below), so what normquant measures is what the exported model computes.
 
 >>> import torch
 >>> spec = QuantSpec(bits=8, granularity="channel")
@@ -170,13 +172,88 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec
     return restore(fake_quantize_view(xv, scale, zero, spec)).to(x.dtype)
 
 
-def fake_quantize_dynamic(x: torch.Tensor, spec: QuantSpec, channel_axis: int = -1) -> torch.Tensor:
-    """Fake-quantize with qparams computed from ``x`` itself (dynamic activations, RTN weights)."""
-    xv, restore = reduction_view(x, spec, channel_axis)
+# ---------------------------------------------------------------------------------------------------------
+# Input activations: the serving stack's arithmetic
+# ---------------------------------------------------------------------------------------------------------
+# An export stores weights as integers and static input scales as numbers, so a server reproduces those exactly;
+# what it *recomputes* on every forward is the activation fake-quant itself, and dynamic qparams. normquant's
+# activation quantizers therefore compute, op for op, what compressed-tensors 0.20 applies when it runs an export
+# (``quantization/utils/helpers.py``: ``calculate_qparams``, ``compute_dynamic_scales_and_zp``;
+# ``quantization/lifecycle/forward_helpers.py``: ``_quantize_dequantize``), on its signed grid
+# ``[-2^(b-1), 2^(b-1)-1]``:
+#
+#   dynamic symmetric    s = absmax / ((2^b - 1) / 2)       (255/2 = 127.5 at 8 bits, not normquant's 127)
+#   dynamic asymmetric   s = (max - min) / (2^b - 1),  z = round(clamp(-2^(b-1) - min / s, grid))   (range holds 0)
+#   zero scales          replaced by eps(dtype) (an all-zero row; its z is 0)
+#   fake-quant           s * (round(clamp(x / s + z, grid)) - z)   (z added before rounding; 0 for symmetric)
+#   granularity token    one row per (dim 0, dim 1) entry: [B, T, C] -> B*T rows; a 2-D input is one tensor row
+#
+# Weights keep normquant's own grid (:func:`qparams_from_range`, ``absmax / (2^(b-1) - 1)``) and core above:
+# their codes and scales are stored, so a server dequantizes the same ``s * (q - z)``.
+
+
+def _activation_view(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, Callable]:
+    """Reduction view of an activation as compressed-tensors groups it (token: all dims after the first two)."""
+    if spec.granularity == "token":
+        shape = x.shape
+        if x.dim() < 3:  # compressed-tensors reduces over no dim -> its aminmax over the whole tensor
+            return x.reshape(1, -1), lambda v: v.reshape(shape)
+        return x.reshape(shape[0] * shape[1], -1), lambda v: v.reshape(shape)
+    return reduction_view(x, spec, channel_axis=-1)
+
+
+def serving_qparams_view(xv: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic qparams ``[n, 1]`` of each row of ``xv`` exactly as compressed-tensors computes them: scale in
+    ``xv``'s dtype, zero point on the **signed** grid (zeros for symmetric specs). No gradient."""
     with torch.no_grad():
-        if spec.symmetric:  # one reduction instead of two
-            amax = xv.abs().amax(dim=1, keepdim=True)
-            scale, zero = qparams_from_range(-amax, amax, spec)
+        lo = torch.clamp(xv.amin(dim=1, keepdim=True), max=0)
+        hi = torch.clamp(xv.amax(dim=1, keepdim=True), min=0)
+        qmin, qmax = -(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1
+        bit_range = torch.tensor(float(qmax - qmin), device=xv.device).to(xv.dtype)
+        if spec.symmetric:
+            scale = torch.maximum(lo.abs(), hi) / (bit_range / 2)
+            zero = torch.zeros_like(scale)
         else:
-            scale, zero = minmax_qparams_view(xv, spec)
-    return restore(fake_quantize_view(xv, scale, zero, spec)).to(x.dtype)
+            scale = (hi - lo) / bit_range
+            zero = torch.round(torch.clamp(qmin - lo / scale, qmin, qmax))
+            zero = torch.where(scale == 0, torch.zeros_like(zero), zero)  # 0/0: compressed-tensors' int8 cast gives 0
+        scale = torch.where(scale == 0, torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype,
+                                                     device=scale.device), scale)
+    return scale, zero
+
+
+def fake_quantize_serving_view(xv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                               spec: QuantSpec) -> torch.Tensor:
+    """compressed-tensors' fake-quant on a view: ``s * (round(clamp(x/s + z, -2^(b-1), 2^(b-1)-1)) - z)``, ``z``
+    on the signed grid (ignored for symmetric specs). Straight-through rounding when autograd records."""
+    qmin, qmax = -(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1
+    if _records_grad(xv, scale):
+        v = xv / scale
+        if not spec.symmetric:
+            v = v + zero
+        q = round_ste(torch.clamp(v, qmin, qmax))
+        return ((q - zero) if not spec.symmetric else q) * scale
+    v = torch.div(xv, scale)
+    if not spec.symmetric:
+        v.add_(zero)
+    q = v.clamp_(qmin, qmax).round_()
+    if not spec.symmetric:
+        q.sub_(zero)
+    return q.mul_(scale)
+
+
+def fake_quantize_activation(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None,
+                             zero: torch.Tensor | None = None) -> torch.Tensor:
+    """Fake-quantize an input activation ``[..., C]`` the way the serving stack does (see above).
+
+    Dynamic (``scale`` None): qparams from ``x`` itself (:func:`serving_qparams_view`). Static: ``scale`` /
+    ``zero`` as normquant stores them (reduction-view rows, ``zero`` on normquant's grid: unsigned for asymmetric
+    specs), moved to the signed grid here — ``q - z`` is unchanged, but ``x/s + z`` rounds as the server's does.
+    """
+    xv, restore = _activation_view(x, spec)
+    if scale is None:
+        scale, zero = serving_qparams_view(xv, spec)
+    else:
+        scale = scale.to(x.dtype)
+        zero = (zero - 2 ** (spec.bits - 1)).to(x.dtype) if not spec.symmetric else torch.zeros_like(scale)
+    return restore(fake_quantize_serving_view(xv, scale, zero, spec)).to(x.dtype)

@@ -1,0 +1,114 @@
+"""What a serving stack computes with an export, next to what normquant measured: the ``serving`` section.
+
+normquant's fake-quant arithmetic is compressed-tensors' (weights: stored integers and scales, dequantized as
+``s * (q - z)`` by both; input activations: :func:`normquant.quant.primitives.fake_quantize_activation`), so
+for the schemes it exports, ``transformers`` + ``compressed-tensors`` compute the same logits as
+``normquant eval`` does on the export (``tests/test_parity.py``, ``eval/parity_smollm2.md``). Some exports
+cannot be run that way, and :func:`serving_notes` says which and why, in ``config.json["normquant"]["serving"]``:
+
+* ``parity: exact``: ``AutoModelForCausalLM.from_pretrained(path)`` computes normquant's model;
+* ``parity: exact-with-dequantize``: only with ``quantization_config=CompressedTensorsConfig(dequantize=True)``
+  — asymmetric packed channel/group weights: compressed-tensors 0.20's meta-device compress (which transformers
+  runs before loading) leaves their zero points unpacked while the checkpoint packs them, so the default route
+  refuses the shapes; dequantizing at load is exact for weight-only layers;
+* ``parity: approximate`` (``approximate-with-dequantize``): a float16/bfloat16 model; compressed-tensors keeps
+  the stored float32 scales in the model's dtype, which moves dequantized weights by up to one ulp of that dtype
+  (measured on a tiny bfloat16 llama: weights 2.4e-4, logits 3.9e-3); exact in float32;
+* ``parity: none``: no transformers route computes it (an online transform, tensors the architecture has no
+  parameter for, a dynamic ``clip_ratio`` compressed-tensors has no field for, asymmetric packed weights with
+  quantized inputs). ``notes`` name the modules.
+
+>>> serving_notes(model, qconfig, tensors)                                        # doctest: +SKIP
+{'parity': 'exact', 'load': 'AutoModelForCausalLM.from_pretrained(path)', 'notes': []}
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from normquant.export.schema import PACK_QUANTIZED
+from normquant.quant.linear import QuantLinear
+
+LOAD_DEFAULT = "AutoModelForCausalLM.from_pretrained(path)"
+LOAD_DEQUANTIZE = ("AutoModelForCausalLM.from_pretrained(path, quantization_config=CompressedTensorsConfig("
+                   "dequantize=True))")
+QUANT_KEYS = ("weight", "weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "input_scale",
+              "input_zero_point")
+
+
+def _names(names: list[str], limit: int = 3) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _vanilla_keys(model: nn.Module) -> set[str] | None:
+    """State-dict keys (tied aliases dropped) of the model's class built from its config, on the meta device."""
+    try:
+        with torch.device("meta"):
+            vanilla = type(model)._from_config(model.config)
+    except Exception:  # not a transformers model (or not buildable from its config): nothing to compare
+        return None
+    every = dict(vanilla.state_dict(keep_vars=True))
+    unique = {n for n, _ in vanilla.named_parameters()} | {n for n, _ in vanilla.named_buffers()}
+    return {k for k in every if k in unique}
+
+
+def serving_notes(model: nn.Module, qconfig: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The ``serving`` section for an export of ``model`` with ``qconfig`` and checkpoint ``tensors``."""
+    notes: list[str] = []
+    parity = "exact"
+    quantized = {name for g in qconfig["config_groups"].values() for name in g["targets"]}
+
+    transforms = [n for n, m in model.named_modules()
+                  if isinstance(m, QuantLinear) and getattr(m, "input_transform", None) is not None]
+    if transforms:
+        parity = "none"
+        notes.append(f"online input transforms on {_names(transforms)} are not in the checkpoint: compressed-tensors "
+                     "runs the layers without them")
+    for group_name, group in qconfig["config_groups"].items():
+        w, a = group.get("weights"), group.get("input_activations")
+        fmt = group.get("format") or qconfig["format"]
+        if w and not w["symmetric"] and fmt == PACK_QUANTIZED and w["strategy"] in ("channel", "group"):
+            if a is None:
+                parity = "exact-with-dequantize" if parity == "exact" else parity
+                notes.append(f"{group_name}: asymmetric packed {w['strategy']} weights load in transformers only with "
+                             "CompressedTensorsConfig(dequantize=True) (compressed-tensors 0.20's meta compress "
+                             "leaves packed zero points unpacked); that route is exact for weight-only layers")
+            else:
+                parity = "none"
+                notes.append(f"{group_name}: asymmetric packed {w['strategy']} weights with quantized inputs: the "
+                             "default transformers route cannot load them and dequantize=True drops the activation "
+                             "quantization")
+    clipped = sorted({f"{n}" for n, m in model.named_modules()
+                      if isinstance(m, QuantLinear) and m.input_quant is not None and m.input_quant.spec.dynamic
+                      and m.input_quant.spec.clip_ratio < 1})
+    if clipped:
+        parity = "none"
+        notes.append(f"dynamic input activations with clip_ratio < 1 on {_names(clipped)}: compressed-tensors has no "
+                     "clip ratio and quantizes the full range")
+    vanilla = _vanilla_keys(model)
+    if vanilla is not None:
+        prefixes = tuple(f"{n}." for n in quantized)
+        extra = sorted(k for k in tensors if k not in vanilla
+                       and not (k.startswith(prefixes) and k.rpartition(".")[2] in QUANT_KEYS))
+        missing = sorted(k for k in vanilla if k not in tensors and not k.startswith(prefixes))
+        if extra or missing:
+            parity = "none"
+            arch = type(model).__name__
+            if extra:
+                notes.append(f"{len(extra)} tensors {arch} has no parameter for ({_names(extra)}): transformers drops "
+                             "them (RepQuant's created biases, normquant's norm modules)")
+            if missing:
+                notes.append(f"{len(missing)} {arch} parameters not in the checkpoint under their names "
+                             f"({_names(missing)}): transformers initializes them randomly")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if dtype in (torch.float16, torch.bfloat16) and parity != "none":
+        parity = {"exact": "approximate", "exact-with-dequantize": "approximate-with-dequantize"}[parity]
+        name = str(dtype).replace("torch.", "")
+        notes.append(f"the model is {name}: compressed-tensors holds the float32 scales in {name}, so dequantized "
+                     f"weights can differ by one {name} ulp from normquant's (parity is exact in float32)")
+    load = {"exact": LOAD_DEFAULT, "approximate": LOAD_DEFAULT, "exact-with-dequantize": LOAD_DEQUANTIZE,
+            "approximate-with-dequantize": LOAD_DEQUANTIZE}.get(parity)
+    return {"parity": parity, "engine": "transformers + compressed-tensors", "load": load, "notes": notes}
