@@ -245,3 +245,12 @@ def _move_into_place(tmp: Path, dest: Path, force: bool) -> None:
         os.replace(old, dest)
         raise
     shutil.rmtree(old)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (checkpoint manifests, cache stamps, resume files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

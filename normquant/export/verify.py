@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from normquant.export.schema import DENSE, INT_QUANTIZED, PACK_QUANTIZED, ExportError, scale_shape, weight_format
+from normquant.io import file_sha256
 from normquant.messages import one_line, show
 from normquant.quant.spec import QuantSpec
 
@@ -105,13 +106,6 @@ def tensor_checksums(path: Path, header: dict[str, dict], data_start: int) -> di
     return sums
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def config_checksum(config: dict) -> str:
     """sha256 of the quantization sections of config.json (``quantization_config``, ``normquant``), canonical JSON."""
@@ -130,7 +124,7 @@ def write_manifest(directory: Path, weights_name: str) -> Path:
         "config_sha256": config_checksum(config),
         "tensors": {name: {"dtype": info["dtype"], "shape": info["shape"], "sha256": sums[name]}
                     for name, info in sorted(header.items())},
-        "files": {p.name: {"bytes": p.stat().st_size, "sha256": _file_sha256(p)}
+        "files": {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                   for p in sorted(directory.iterdir())
                   if p.is_file() and p.name not in UNCHECKED_FILES and p.name != weights_name},
     }
@@ -186,7 +180,7 @@ def verify_manifest(directory: Path, manifest: dict, config: dict, weights: Path
         path = directory / fname
         if not path.is_file():
             raise ExportError(f"{path} is missing (listed in the manifest); re-export")
-        if _file_sha256(path) != want["sha256"]:
+        if file_sha256(path) != want["sha256"]:
             raise ExportError(f"{path} does not match its checksum (modified after export); re-export")
 
 

@@ -12,7 +12,6 @@ short name         pip install                     what
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from normquant.io import atomic_directory, atomic_write_text
+from normquant.io import atomic_directory, atomic_write_text, file_sha256
 from normquant.messages import one_line
 
 log = logging.getLogger(__name__)
@@ -75,16 +74,9 @@ def _packaged_source(name: str) -> tuple[PackagedModel, Path]:
 CACHE_STAMP = "normquant_cache.json"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _stamp(folder: Path) -> dict:
-    return {p.name: {"bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": _sha256(p)}
+    return {p.name: {"bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": file_sha256(p)}
             for p in sorted(folder.iterdir()) if p.is_file() and p.name != CACHE_STAMP}
 
 
@@ -109,7 +101,7 @@ def _cache_problem(folder: Path) -> str | None:
                 st = p.stat()
                 if st.st_size != want["bytes"]:
                     return f"{fname} has {st.st_size} bytes, {want['bytes']} when converted"
-                if st.st_mtime_ns != want["mtime_ns"] and _sha256(p) != want["sha256"]:
+                if st.st_mtime_ns != want["mtime_ns"] and file_sha256(p) != want["sha256"]:
                     return f"{fname} changed since it was converted (checksum)"
             return None
         weights = sorted(folder.glob("*.safetensors"))

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from normquant.io import atomic_file, atomic_write_text
+from normquant.io import atomic_file, atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,6 @@ def tensors_sha256(items) -> str:
         h.update(_bytes_view(t))
     return h.hexdigest()
 
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _module_sig(module: nn.Module) -> tuple:
@@ -168,7 +161,7 @@ class BlockCheckpoint:
         for k in range(done):
             name = f"block-{k:05d}.pt"
             p = self.directory / name
-            if name not in files or not p.is_file() or _file_sha256(p) != files[name]:
+            if name not in files or not p.is_file() or file_sha256(p) != files[name]:
                 log.warning("checkpoint %s is missing or corrupt; resuming at block %d", p, k)
                 break
             ok += 1
@@ -241,7 +234,7 @@ class BlockCheckpoint:
                         ctx.index, type(e).__name__, str(e)[:200])
             self.enabled = False
             return
-        self._files[name] = _file_sha256(self.directory / name)
+        self._files[name] = file_sha256(self.directory / name)
         self.done = ctx.index + 1
         atomic_write_text(self.directory / STATE, json.dumps(
             {"key": self._key, "done": self.done, "files": self._files}, indent=1, sort_keys=True) + "\n")
