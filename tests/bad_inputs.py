@@ -835,8 +835,11 @@ _corrupt("static", lambda d: (_rewrite_tensors(d, lambda t: t.pop(_first(t, "q_p
 
 
 # ---- interruption (subprocesses, killed)
+# The child restores Python's own SIGINT handling: a shell that starts the test run in the background (`cmd &`)
+# hands its children SIGINT ignored, and Ctrl-C is what these cases are about.
 _WRAP = """
-import sys, time, pathlib
+import sys, time, pathlib, signal
+signal.signal(signal.SIGINT, signal.default_int_handler)
 flag = pathlib.Path({flag!r})
 import {module} as m
 real = m.{attr}
@@ -971,7 +974,8 @@ case("sigterm-while-writing-export", "interruption", custom=True, slow=True)(
     _signal_case(signal.SIGTERM, "normquant.export.checkpoint", "write_manifest", "export"))
 
 _WRAP_BLOCK = """
-import sys, time, pathlib
+import sys, time, pathlib, signal
+signal.signal(signal.SIGINT, signal.default_int_handler)
 flag = pathlib.Path({flag!r})
 import normquant.pipeline.run as m
 real = m.process_block
