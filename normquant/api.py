@@ -9,8 +9,8 @@ transformers + compressed-tensors compute on its export; its ``save_pretrained``
 >>> import normquant as nq
 >>> model, tokenizer = nq.load("smollm2-135m")                                     # doctest: +SKIP
 >>> nq.quantize(model, "recipes/w8a8_rtn.yaml", tokenizer=tokenizer)                # doctest: +SKIP
->>> nq.evaluate(model, tokenizer, windows=2).ppl                                   # doctest: +SKIP
-25.6...
+>>> nq.evaluate(model, tokenizer, windows=2, seqlen=512).ppl                       # doctest: +SKIP
+29.091...
 >>> nq.export(model, "out/smollm2-w8a8", tokenizer=tokenizer)                      # doctest: +SKIP
 >>> model, tokenizer = nq.load("out/smollm2-w8a8")                                 # doctest: +SKIP
 

@@ -156,3 +156,12 @@ def test_eval_on_ptb_and_c4(tiny_dir, data_dir, capsys, dataset, split):
                  "--data-dir", str(data_dir), "--json", "--quiet"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert (rec["dataset"], rec["split"], rec["windows"]) == (dataset, split, 1) and rec["ppl"] > 1
+
+
+def test_sensitivity_ranks_every_module_kind(tiny_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "s.json"
+    assert main(["sensitivity", "recipes/w8a8_rtn.yaml", "--model", str(tiny_dir), "--windows", "1", "--seqlen", "32",
+                 "--data-dir", str(data_dir), "--output", str(out), "--quiet"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 14 and {r["module"] for r in rows} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"}

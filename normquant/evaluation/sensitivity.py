@@ -50,7 +50,7 @@ def sensitivity_report(recipe: Recipe, *, data_dir=None, progress: bool = True) 
     for kind, part in progress_bar(todo, desc="sensitivity rows", unit="row", enabled=progress):  # one row each
         spec = getattr(recipe.scheme, part)
         scheme = recipe.scheme.model_copy(update={
-            "targets": [f"re:\\.{kind}$"], "overrides": [],
+            "targets": [f"re:.*\\.{kind}$"], "overrides": [],  # re: matches from the start (compressed-tensors)
             "weights": spec if part == "weights" else None,
             "input_activations": spec if part == "input_activations" else None})
         one = recipe.model_copy(update={"scheme": scheme, "steps": recipe.steps if part == "weights" else []})
