@@ -2,7 +2,8 @@
 
 A module kind is the leaf name of a targeted linear inside the blocks (``q_proj``, ``down_proj``, ...). Each
 row quantizes only that kind with the recipe's weight spec (through the recipe's steps) or only its input
-activations, on a fresh copy of the float model, and reports ``ppl - float ppl``. Recipes can then keep the
+activations (after the recipe's steps that do not quantize weights: rotation, SmoothQuant, RepQuant), on a fresh
+copy of the float model, and reports ``ppl - float ppl``. Recipes can then keep the
 worst offenders at higher precision with ``scheme.overrides``.
 """
 from __future__ import annotations
@@ -53,7 +54,9 @@ def sensitivity_report(recipe: Recipe, *, data_dir=None, progress: bool = True) 
             "targets": [f"re:.*\\.{kind}$"], "overrides": [],  # re: matches from the start (compressed-tensors)
             "weights": spec if part == "weights" else None,
             "input_activations": spec if part == "input_activations" else None})
-        one = recipe.model_copy(update={"scheme": scheme, "steps": recipe.steps if part == "weights" else []})
+        # input rows keep the transforms (rotation, SmoothQuant, RepQuant) and drop the weight quantizers
+        steps = recipe.steps if part == "weights" else [s for s in recipe.steps if not s.quantizes_weights]
+        one = recipe.model_copy(update={"scheme": scheme, "steps": steps})
         if one.needs_data and calib is None:
             calib = calibration_ids(recipe.calibration, model, tok, data_dir)
         m = quantize(copy.deepcopy(model), one, calib if one.needs_data else None, progress=False)

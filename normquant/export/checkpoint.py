@@ -1,12 +1,14 @@
 """Export a quantized model as a compressed-tensors checkpoint directory, and load it back as QuantLinear modules.
 
 An export directory holds ``config.json`` (the HF config plus a ``quantization_config`` in the
-compressed-tensors schema, :mod:`normquant.export.schema`, and a ``normquant`` section: ``export_version``,
+compressed-tensors schema, :mod:`normquant.export.schema`, with online transforms as its ``transform_config``,
+:mod:`normquant.export.transforms`, and a ``normquant`` section: ``export_version``,
 each group's exact ``quant_specs``, free ``metadata`` and ``serving``: whether transformers + compressed-tensors
 compute the same model, :mod:`normquant.export.serving`), ``model.safetensors`` (quantized linears as in
 :mod:`normquant.export.layers`, every other tensor under its HF name and dtype, tied aliases once), the
 tokenizer files, for models that generate ``generation_config.json``, and last ``normquant_manifest.json``
-(per-tensor dtype, shape and sha256, :mod:`normquant.export.verify`). It is written to a temporary sibling
+(per-tensor dtype, shape and sha256, :mod:`normquant.export.verify`); the matrix of each online transform is a
+tensor of ``model.safetensors`` too. It is written to a temporary sibling
 directory and renamed into place (:func:`normquant.io.atomic_directory`), so a failed export never leaves a
 partial directory behind. :func:`load_quantized` verifies the config against the tensors and the manifest
 before it builds anything: a corrupt or hand-edited export is an :class:`ExportError` naming the tensor.
@@ -31,6 +33,8 @@ from torch import nn
 from normquant.export.layers import compress_linear, decompress_linear
 from normquant.export.schema import ConfigGroup, ExportError, quant_specs, quantization_config
 from normquant.export.serving import serving_notes
+from normquant.export.transforms import (install_transforms, read_transform_config, transform_config,
+                                         transform_tensor_names)
 from normquant.export.verify import (check_config, check_layer_tensors, read_manifest, read_safetensors_header,
                                      verify_manifest, write_manifest)
 from normquant.io import atomic_directory, check_destination
@@ -42,7 +46,8 @@ log = logging.getLogger(__name__)
 
 #: version of the ``normquant`` section in config.json; bumped when its meaning changes.
 #: 2: the export carries ``normquant_manifest.json`` (required from this version on).
-EXPORT_VERSION = 2
+#: 3: ``quantization_config.transform_config`` may carry online transforms and ``model.safetensors`` their matrices.
+EXPORT_VERSION = 3
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -75,16 +80,17 @@ def _tied_aliases(model: nn.Module) -> set[str]:
 def compressed_checkpoint(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """``(tensors, quantization_config, quant_specs)`` of a model whose quantized linears are QuantLinear modules.
 
-    Tensors of non-quantized modules keep their HF names and dtypes; tied aliases are stored once.
-    ``quant_specs`` holds each config group's exact QuantSpecs.
+    Tensors of non-quantized modules keep their HF names and dtypes; tied aliases are stored once; online input
+    transforms add their matrices (:mod:`normquant.export.transforms`). ``quant_specs`` holds each config group's
+    exact QuantSpecs.
     """
     groups = _quant_groups(model)
     if not groups:
         raise ExportError("model has no quantized QuantLinear modules; quantize it before exporting")
     quantized = [name for g in groups for name in g.modules]
     ignore = [name for name, m in model.named_modules() if is_linear(m) and name not in quantized]
-    qconfig = quantization_config(groups, ignore)  # first: refuses inexpressible specs before any tensor work
-    tensors: dict[str, torch.Tensor] = {}
+    transforms, tensors = transform_config(model)  # first: refuses what compressed-tensors cannot express
+    qconfig = quantization_config(groups, ignore, transforms)
     for name in quantized:
         for key, t in compress_linear(model.get_submodule(name), name).items():
             tensors[f"{name}.{key}"] = t
@@ -167,7 +173,9 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     hold. Any mismatch is an :class:`ExportError` naming the tensor or file. The model is then built from its
     config (``architectures[0]``, without ``quantization_config``), its quantized linears become QuantLinear
     modules with the exported specs, dequantized weights ``s * (q - z)``, static input scales and fresh dynamic
-    activation quantizers, so it computes what the exported model did.
+    activation quantizers, and the layers of each ``transform_config`` scheme get their
+    :class:`~normquant.quant.hadamard.OnlineHadamard` back (its stored matrix checked against the one normquant
+    builds), so it computes what the exported model did.
     """
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -185,6 +193,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         raise ExportError(f"{path} has export version {version}, newer than this normquant "
                           f"reads ({EXPORT_VERSION}); upgrade normquant")
     qconfig, groups = check_config(raw, str(path / "config.json"))
+    transforms = read_transform_config(qconfig, str(path / "config.json"))
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise ExportError(f"{weights} is missing; re-export")
@@ -196,6 +205,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors' own checks (corrupt file)
         raise ExportError(f"cannot read {weights}: {one_line(e, 160)}; re-export") from None
+    matrices = {k: tensors.pop(k) for k in transform_tensor_names(transforms) if k in tensors}
     replaced = _install_quant_linears(model, tensors, qconfig, groups, dtype)  # structural checks, per tensor
     if manifest is not None:
         verify_manifest(path, manifest, raw, weights, header, data_start)  # then every checksum
@@ -217,6 +227,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if missing or unexpected:
         raise ExportError(f"{weights} does not match {raw['architectures'][0]}: "
                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    install_transforms(model, transforms, matrices, str(weights))
     tokenizer = None
     if (path / "tokenizer_config.json").exists():
         try:

@@ -39,11 +39,10 @@ from normquant.quant.spec import QuantSpec
 
 
 def compress_linear(ql: QuantLinear, name: str) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of one QuantLinear, keyed by local name (``weight_packed``, ``weight_scale``, ...)."""
-    if ql.input_transform is not None:  # the offline half is in the weight; the online half must travel too
-        raise ExportError(f"cannot export {name}: it applies an online input transform ({ql.input_transform}), "
-                          "which exports cannot carry yet (compressed-tensors transform_config is not written); "
-                          "rotate with r4: false to export, or evaluate in normquant")
+    """The checkpoint tensors of one QuantLinear, keyed by local name (``weight_packed``, ``weight_scale``, ...).
+
+    An online ``input_transform`` is not among them: it travels as a ``transform_config`` entry
+    (:mod:`normquant.export.transforms`); its offline half is in the weight already."""
     wspec, aspec = ql.weight_spec, ql.input_quant.spec if ql.input_quant is not None else None
     fmt = weight_format(wspec, aspec)
     out: dict[str, torch.Tensor] = {}

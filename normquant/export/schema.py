@@ -8,7 +8,8 @@ Format per config group (compressed-tensors' own inference, ``compressors/format
 weights are always packed): ``int-quantized`` for > 4-bit weights with quantized inputs (W8A8),
 ``pack-quantized`` for weight-only schemes and every <= 4-bit weight, ``dense`` for activation-only
 quantization. Each group carries its ``format``; the top-level ``format`` is that format, or
-``mixed-precision`` when groups differ.
+``mixed-precision`` when groups differ. Online transforms (the rotation's R4) are its ``transform_config``
+(:mod:`normquant.export.transforms`).
 
 compressed-tensors uses the signed grid ``[-2^(b-1), 2^(b-1)-1]`` for every int quantizer; normquant's
 asymmetric grid is unsigned ``[0, 2^b-1]``, so asymmetric codes and zero points are shifted by
@@ -101,9 +102,11 @@ class ConfigGroup:
         return weight_format(self.weight_spec, self.input_spec)
 
 
-def quantization_config(groups: list[ConfigGroup], ignore: list[str]) -> dict[str, Any]:
-    """The ``quantization_config`` of these groups (``group_0``, ``group_1``, ... in order); refuses
-    (:class:`ExportError`) specs compressed-tensors cannot express."""
+def quantization_config(groups: list[ConfigGroup], ignore: list[str],
+                        transform_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``quantization_config`` of these groups (``group_0``, ``group_1``, ... in order) and online transforms
+    (:func:`normquant.export.transforms.transform_config`); refuses (:class:`ExportError`) specs compressed-tensors
+    cannot express."""
     config_groups = {
         f"group_{i}": {
             "targets": g.modules,
@@ -124,7 +127,7 @@ def quantization_config(groups: list[ConfigGroup], ignore: list[str]) -> dict[st
         "quantization_status": "compressed",
         "global_compression_ratio": None,
         "sparsity_config": {},
-        "transform_config": {},
+        "transform_config": transform_config or {},
         "version": COMPRESSED_TENSORS_VERSION,
     }
 

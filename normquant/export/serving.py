@@ -14,9 +14,13 @@ cannot be run that way, and :func:`serving_notes` says which and why, in ``confi
 * ``parity: approximate`` (``approximate-with-dequantize``): a float16/bfloat16 model; compressed-tensors keeps
   the stored float32 scales in the model's dtype, which moves dequantized weights by up to one ulp of that dtype
   (measured on a tiny bfloat16 llama: weights 2.4e-4, logits 3.9e-3); exact in float32;
-* ``parity: none``: no transformers route computes it (an online transform, tensors the architecture has no
-  parameter for, a dynamic ``clip_ratio`` compressed-tensors has no field for, asymmetric packed weights with
-  quantized inputs). ``notes`` name the modules.
+* ``...-with-transforms`` (``exact-with-transforms``, ``exact-with-dequantize-and-transforms``, ...): the export
+  carries online transforms (``transform_config``, :mod:`normquant.export.transforms`), which transformers 5.24
+  does not apply: load as above, then :func:`~normquant.export.transforms.apply_transforms` (compressed-tensors'
+  ``apply_transform_config`` and the stored matrices); exact in float32 (``tests/test_export_transforms.py``);
+* ``parity: none``: no transformers route computes it (tensors the architecture has no parameter for, a dynamic
+  ``clip_ratio`` compressed-tensors has no field for, asymmetric packed weights with quantized inputs). ``notes``
+  name the modules.
 
 >>> serving_notes(model, qconfig, tensors)                                        # doctest: +SKIP
 {'parity': 'exact', 'load': 'AutoModelForCausalLM.from_pretrained(path)', 'notes': []}
@@ -29,11 +33,13 @@ import torch
 from torch import nn
 
 from normquant.export.schema import PACK_QUANTIZED
+from normquant.export.transforms import read_transform_config, transform_tensor_names
 from normquant.quant.linear import QuantLinear
 
 LOAD_DEFAULT = "AutoModelForCausalLM.from_pretrained(path)"
 LOAD_DEQUANTIZE = ("AutoModelForCausalLM.from_pretrained(path, quantization_config=CompressedTensorsConfig("
                    "dequantize=True))")
+APPLY_TRANSFORMS = "normquant.export.transforms.apply_transforms(model, path)"
 QUANT_KEYS = ("weight", "weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "input_scale",
               "input_zero_point")
 
@@ -60,13 +66,12 @@ def serving_notes(model: nn.Module, qconfig: dict[str, Any], tensors: dict[str, 
     notes: list[str] = []
     parity = "exact"
     quantized = {name for g in qconfig["config_groups"].values() for name in g["targets"]}
-
-    transforms = [n for n, m in model.named_modules()
-                  if isinstance(m, QuantLinear) and getattr(m, "input_transform", None) is not None]
+    transforms = read_transform_config(qconfig, "quantization_config")
     if transforms:
-        parity = "none"
-        notes.append(f"online input transforms on {_names(transforms)} are not in the checkpoint: compressed-tensors "
-                     "runs the layers without them")
+        targets = [t for targets, _ in transforms.values() for t in targets]
+        notes.append(f"online Hadamard transforms on {_names(targets)} are in quantization_config.transform_config, "
+                     "which transformers' compressed-tensors loader ignores (checked on 5.24; huggingface/transformers"
+                     f"#42887 would apply it): after from_pretrained, call {APPLY_TRANSFORMS}")
     for group_name, group in qconfig["config_groups"].items():
         w, a = group.get("weights"), group.get("input_activations")
         fmt = group.get("format") or qconfig["format"]
@@ -91,7 +96,8 @@ def serving_notes(model: nn.Module, qconfig: dict[str, Any], tensors: dict[str, 
     vanilla = _vanilla_keys(model)
     if vanilla is not None:
         prefixes = tuple(f"{n}." for n in quantized)
-        extra = sorted(k for k in tensors if k not in vanilla
+        matrices = transform_tensor_names(transforms)
+        extra = sorted(k for k in tensors if k not in vanilla and k not in matrices
                        and not (k.startswith(prefixes) and k.rpartition(".")[2] in QUANT_KEYS))
         missing = sorted(k for k in vanilla if k not in tensors and not k.startswith(prefixes))
         if extra or missing:
@@ -111,4 +117,7 @@ def serving_notes(model: nn.Module, qconfig: dict[str, Any], tensors: dict[str, 
                      f"weights can differ by one {name} ulp from normquant's (parity is exact in float32)")
     load = {"exact": LOAD_DEFAULT, "approximate": LOAD_DEFAULT, "exact-with-dequantize": LOAD_DEQUANTIZE,
             "approximate-with-dequantize": LOAD_DEQUANTIZE}.get(parity)
+    if transforms and load is not None:
+        parity += "-and-transforms" if "-with-" in parity else "-with-transforms"
+        load = f"{load}, then {APPLY_TRANSFORMS}"
     return {"parity": parity, "engine": "transformers + compressed-tensors", "load": load, "notes": notes}
