@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from normquant.quant.prefix import prefix_of
+
 INSTALL = "pip install 'normquant[lmeval]'"
 TASK_FILE_SUFFIXES = (".yaml", ".yml")
 
@@ -100,6 +102,9 @@ def evaluate_tasks(model, tokenizer, tasks: Sequence[str], *, limit: int | None 
     (``results["samples"]``); ``manager``: a :func:`task_manager` for ``tasks`` already built.
     """
     check_options(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
+    if prefix_of(model) is not None:
+        raise TaskEvalError("this model was quantized with PrefixQuant's prefix step, which lm-eval cannot apply "
+                            "(its positions must stay float): evaluate it with perplexity (normquant eval without --tasks)")
     lm_eval, HFLM, _ = _lm_eval()
     if manager is None:
         manager = task_manager(tasks)

@@ -3,7 +3,9 @@
 The evaluation text (WikiText-2 raw test rows joined with ``"\\n\\n"``) is tokenized once and cut into
 non-overlapping windows of ``seqlen`` tokens; the tail is dropped. Every window predicts its ``seqlen - 1``
 next tokens; ``ppl = exp(mean NLL over all predicted tokens)``. ``windows=N`` evaluates the first N windows
-only and is labelled so in the record.
+only and is labelled so in the record. A model quantized with PrefixQuant's ``prefix`` step
+(:mod:`normquant.methods.prefixquant`) reads ``[prefix | window]`` with the prefix positions float and predicts
+the same ``seqlen - 1`` tokens; the record says how many prefix tokens it had (``prefix_tokens``).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from normquant.progress import progress_bar
+from normquant.quant.prefix import float_prefix, prefix_of, prepend_prefix
 
 from normquant.data.text import DataError
 
@@ -31,6 +34,7 @@ class PerplexityResult:
     peak_memory_mb: float
     device: str
     dtype: str
+    prefix_tokens: int = 0  # PrefixQuant tokens read before every window (not predicted)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +76,7 @@ def evaluate_perplexity(model, input_ids: torch.Tensor, *, seqlen: int = 2048, w
     total = all_windows.shape[0]
     use = all_windows[: min(windows, total)] if windows else all_windows
     device = model_device(model)
+    prefix = prefix_of(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     nll_sum, count = 0.0, 0
@@ -79,7 +84,11 @@ def evaluate_perplexity(model, input_ids: torch.Tensor, *, seqlen: int = 2048, w
     bar = progress_bar(total=use.shape[0], desc="perplexity", unit="window", enabled=progress)
     for i in range(0, use.shape[0], batch_size):
         batch = use[i:i + batch_size].to(device)  # [b, seqlen]
-        logits = model(input_ids=batch, use_cache=False).logits  # [b, seqlen, vocab]
+        if prefix is None:
+            logits = model(input_ids=batch, use_cache=False).logits  # [b, seqlen, vocab]
+        else:  # PrefixQuant: [prefix | window], prefix positions float, the same tokens predicted
+            with float_prefix(prefix.numel()):
+                logits = model(input_ids=prepend_prefix(prefix, batch), use_cache=False).logits[:, prefix.numel():]
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
                               reduction="sum")
         if not torch.isfinite(nll):
@@ -95,4 +104,5 @@ def evaluate_perplexity(model, input_ids: torch.Tensor, *, seqlen: int = 2048, w
     return PerplexityResult(ppl=math.exp(mean), nll=mean, windows=use.shape[0], windows_total=total, seqlen=seqlen,
                             tokens=count, seconds=seconds, tokens_per_s=use.numel() / seconds,
                             peak_memory_mb=_peak_memory_mb(device), device=str(device),
-                            dtype=str(next(model.parameters()).dtype).replace("torch.", ""))
+                            dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+                            prefix_tokens=0 if prefix is None else prefix.numel())

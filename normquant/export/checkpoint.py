@@ -40,6 +40,7 @@ from normquant.export.verify import (check_config, check_layer_tensors, read_man
 from normquant.io import atomic_directory, check_destination
 from normquant.messages import one_line, show
 from normquant.quant.linear import QuantLinear, is_linear
+from normquant.quant.prefix import prefix_of, set_prefix
 from normquant.quant.targets import matches_any
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,9 @@ def _write_export(model: nn.Module, tokenizer: Any, directory: Path, extra_metad
         log.warning("export: %s", note)
     config["normquant"] = {"export_version": EXPORT_VERSION, "quant_specs": specs,
                            "metadata": dict(extra_metadata or {}), "serving": serving}
+    prefix = prefix_of(model)
+    if prefix is not None:  # PrefixQuant: part of the quantized model (normquant.quant.prefix)
+        config["normquant"]["prefix_ids"] = prefix.tolist()
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if getattr(model, "generation_config", None) is not None and model.can_generate():
@@ -228,6 +232,8 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         raise ExportError(f"{weights} does not match {raw['architectures'][0]}: "
                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     install_transforms(model, transforms, matrices, str(weights))
+    if raw["normquant"].get("prefix_ids") is not None:  # PrefixQuant (the manifest covers this section)
+        set_prefix(model, raw["normquant"]["prefix_ids"])
     tokenizer = None
     if (path / "tokenizer_config.json").exists():
         try:

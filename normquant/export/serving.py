@@ -35,6 +35,7 @@ from torch import nn
 from normquant.export.schema import PACK_QUANTIZED
 from normquant.export.transforms import read_transform_config, transform_tensor_names
 from normquant.quant.linear import QuantLinear
+from normquant.quant.prefix import prefix_of
 
 LOAD_DEFAULT = "AutoModelForCausalLM.from_pretrained(path)"
 LOAD_DEQUANTIZE = ("AutoModelForCausalLM.from_pretrained(path, quantization_config=CompressedTensorsConfig("
@@ -93,6 +94,12 @@ def serving_notes(model: nn.Module, qconfig: dict[str, Any], tensors: dict[str, 
         parity = "none"
         notes.append(f"dynamic input activations with clip_ratio < 1 on {_names(clipped)}: compressed-tensors has no "
                      "clip ratio and quantizes the full range")
+    prefix = prefix_of(model)
+    if prefix is not None:
+        parity = "none"
+        notes.append(f"PrefixQuant prefix {prefix.tolist()} (config.json normquant.prefix_ids): its positions must "
+                     "pass every activation quantizer in float (a KV cache computed once); compressed-tensors "
+                     "quantizes every position. normquant eval on this export applies it")
     vanilla = _vanilla_keys(model)
     if vanilla is not None:
         prefixes = tuple(f"{n}." for n in quantized)

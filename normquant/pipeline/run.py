@@ -27,6 +27,7 @@ from normquant.models.arch import get_architecture
 from normquant.pipeline.runner import BlockContext, run_blocks, walk_blocks
 from normquant.progress import progress_bar
 from normquant.quant.linear import QuantLinear, calibrate_static_inputs, is_linear, set_activation_quant
+from normquant.quant.prefix import float_prefix, prefix_of, prepend_prefix
 from normquant.recipe import Recipe, RecipeError, Scheme
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,19 @@ def quantize(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor | None = 
         arch = get_architecture(model)
         for step in model_wide:
             step.apply_model(model, arch)
+    prefix = prefix_of(model)  # PrefixQuant: prepended to every calibration sample, its positions left float
+    if prefix is not None and calib_ids is not None:
+        calib_ids = prepend_prefix(prefix, calib_ids)
+    with float_prefix(0 if prefix is None else prefix.numel()):
+        wrapped = _quantize_blocks(model, recipe, calib_ids, device, progress, checkpoint)
+    if not wrapped:
+        raise RecipeError("the scheme's targets match no Linear module; check scheme.targets / scheme.ignore")
+    return model
+
+
+def _quantize_blocks(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor | None, device, progress: bool,
+                     checkpoint) -> int:
+    """The block phase and the tail; returns how many linears were wrapped."""
     if recipe.needs_data:
         contexts = run_blocks(model, calib_ids, device=device, batch_size=recipe.calibration.batch_size)
     else:
@@ -97,11 +111,8 @@ def quantize(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor | None = 
             if checkpoint is not None and ctx.index >= done:
                 checkpoint.save(ctx, recipe.steps)
             bar.update(1)
-    wrapped += _quantize_tail(model, recipe.scheme, calib_ids if recipe.needs_data else None,
-                              recipe.calibration.batch_size)
-    if not wrapped:
-        raise RecipeError("the scheme's targets match no Linear module; check scheme.targets / scheme.ignore")
-    return model
+    return wrapped + _quantize_tail(model, recipe.scheme, calib_ids if recipe.needs_data else None,
+                                    recipe.calibration.batch_size)
 
 
 def process_block(ctx: BlockContext, recipe: Recipe) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from normquant.quant.llm_int8 import decompose
 from normquant.quant.observers import ReservoirObserver
+from normquant.quant.prefix import float_prefix_length
 from normquant.quant.primitives import (
     QuantError,
     check_finite,
@@ -35,7 +36,6 @@ from normquant.quant.search import percentile_init
 from normquant.quant.spec import QuantSpec
 
 PERCENTILE_SAMPLE_VALUES = 2**24  # values kept per quantizer for observer: percentile (64 MiB in float32)
-
 
 class ActivationQuantizer(nn.Module):
     """Fake-quantizes a linear's input ``[..., C]`` with the serving stack's arithmetic
@@ -67,6 +67,12 @@ class ActivationQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        p = float_prefix_length()
+        if p and x.dim() == 3 and x.shape[1] > p:  # [B, T, C]: the prefixed positions stay float
+            return torch.cat([x[:, :p], self._quantize(x[:, p:])], dim=1)
+        return self._quantize(x)
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.dynamic:
             if self.spec.outlier_threshold is not None:  # LLM.int8(): outlier columns stay float
                 return decompose(x, self.spec.outlier_threshold, lambda v: fake_quantize_activation(v, self.spec))
