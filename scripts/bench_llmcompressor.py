@@ -36,6 +36,17 @@ w4a16-ch       (built here) int4 sym per-channel    config_groups: int4 sym chan
 w3a16-g64      recipes/w3a16_g64_gptq.yaml (asym)   config_groups: int3 asym group 64
 =============  ===================================  ==================================================
 
+Issue 10 table (``--table outliers``): one run over named rows (``OUTLIER_ROWS``), each a normquant recipe (a file
+under recipes/ or a dict derived from one) and the llm-compressor modifiers derived from it by
+:func:`lc_modifiers_for` (SmoothQuantModifier / SpinQuantModifier(R1, R2, R4, random-hadamard) followed by a
+QuantizationModifier (RTN) or GPTQModifier), or None where llm-compressor has no equivalent (RepQuant, LLM.int8).
+One calibration tensor and one evaluator for every row; the float row once; the JSON (``--out``, default
+eval/outliers_smollm2.json) is rewritten after every side of every row; ``--rows``, ``--sides``, ``--resume``::
+
+    python scripts/bench_llmcompressor.py --table outliers --data-dir /work/shared/data --samples 16 --windows 16
+
+See eval/llmcompressor/README.md ("Issue 10 table").
+
 Act-order: ``--act-order recipe`` (default) follows the normquant recipe's ``act_order`` and gives
 llm-compressor ``actorder="static"`` when it is on, ``None`` when it is off; ``on``/``off`` force both sides.
 With act-order on, both implementations fit all group qparams once on the unmodified weight (normquant's
@@ -78,6 +89,12 @@ W8A8_PRESET = {"weights": {"num_bits": 8, "type": "int", "symmetric": True, "str
 CODE_FILES = ("normquant/methods/gptq.py", "normquant/methods/rtn.py", "normquant/pipeline/run.py",
               "normquant/pipeline/runner.py", "normquant/quant/primitives.py", "normquant/quant/linear.py",
               "scripts/bench_llmcompressor.py", "scripts/llmcompressor_side.py")
+#: More files that decide the numbers of the issue 10 table (--table outliers).
+TABLE_CODE_FILES = ("normquant/methods/quarot.py", "normquant/methods/smoothquant.py", "normquant/methods/repquant.py",
+                    "normquant/methods/norm_fusion.py", "normquant/quant/hadamard.py", "normquant/quant/llm_int8.py",
+                    "normquant/quant/observers.py", "normquant/quant/search.py", "recipes/w8a8_smoothquant.yaml",
+                    "recipes/w8a8_static_rotated.yaml", "recipes/w8a8_int8_decomp.yaml", "recipes/w4a8_rotated.yaml",
+                    "recipes/w4a4_rotated_gptq.yaml", "recipes/w4a8_norm_centric_stack.yaml")
 
 DEFAULT_NOTE = ("N is below the GPTQ protocol's 128 x 2048 to fit a shared 2-core CPU: each side makes 2 sequential "
                 "passes of N x 2048 tokens through the 30 blocks, ~6 s per sample per pass on an idle machine and "
@@ -229,6 +246,438 @@ def float_side(python: str, tag: str, job: dict, job_path: Path, work: Path, ext
     return rec
 
 
+# ------------------------------------------------------------------------------------------------ issue 10 table
+# ``--table outliers``: one run, one calibration tensor, one evaluator, many rows. Each row pairs a normquant recipe
+# (a file under recipes/ or a dict derived from one) with the llm-compressor modifiers that do the same thing, or
+# with None where llm-compressor has no equivalent. The llm-compressor modifiers are *derived* from the normquant
+# recipe by :func:`lc_modifiers_for`, so the two sides cannot drift apart; every place where llm-compressor cannot
+# express the normquant recipe exactly is listed in the row's ``differences``.
+
+def _step(steps: list, name: str) -> dict:
+    """The first step called ``name`` of a recipe's step list (dict form), as a fresh dict."""
+    for st in steps:
+        key = st if isinstance(st, str) else next(iter(st))
+        if key == name:
+            return copy.deepcopy(st if isinstance(st, dict) else {name: {}})
+    raise SystemExit(f"no '{name}' step in {steps}")
+
+
+def _repquant_step(_steps: list) -> dict:
+    """RepQuant with the norm-centric stack's settings (recipes/w4a8_norm_centric_stack.yaml)."""
+    import yaml
+
+    stack = yaml.safe_load((REPO / "recipes" / "w4a8_norm_centric_stack.yaml").read_text())
+    return _step(stack["steps"], "repquant")
+
+
+#: name -> (title, base recipe file, steps edit (None: keep the file's steps), llm-compressor: "derive" or a reason
+#: why it has no equivalent). Order = the table's order.
+OUTLIER_ROWS: dict[str, tuple[str, str, object, str]] = {
+    "w8a8-static-naive": (
+        "W8A8 static per-tensor, naive", "recipes/w8a8_smoothquant.yaml",
+        lambda s: ["rtn"], "derive"),
+    "w8a8-static-smoothquant": (
+        "W8A8 static per-tensor, SmoothQuant a=0.8", "recipes/w8a8_smoothquant.yaml", None, "derive"),
+    "w8a8-static-smoothquant-normpairs": (
+        "W8A8 static per-tensor, SmoothQuant a=0.8, norm->linear pairs only (llm-compressor's mappings)",
+        "recipes/w8a8_smoothquant.yaml",
+        lambda s: [{"smoothquant": {**_step(s, "smoothquant")["smoothquant"], "linears": False}}, "rtn"], "derive"),
+    "w8a8-static-rotated": (
+        "W8A8 static per-tensor, rotation R1+R2+R4", "recipes/w8a8_static_rotated.yaml", None, "derive"),
+    "w8a8-static-prefix-rotated": (
+        "W8A8 static per-tensor, PrefixQuant prefix (BOS) + rotation R1+R2+R4",
+        "recipes/w8a8_static_prefix_rotated.yaml", None,
+        "PrefixQuant's float prefix (a KV cache with float activations) has no llm-compressor modifier"),
+    "w8a8-static-rotated-repquant": (
+        "W8A8 static per-tensor, rotation + RepQuant", "recipes/w8a8_static_rotated.yaml",
+        lambda s: [_step(s, "rotate"), _repquant_step(s), "rtn"],
+        "RepQuant (per-channel norm-output quantizers reparameterized to per-tensor) has no llm-compressor modifier"),
+    "w4a8-rtn": (
+        "W4A8 dynamic per-token, RTN weights", "recipes/w4a8_rotated.yaml", lambda s: ["rtn"], "derive"),
+    "w4a8-rotated-rtn": (
+        "W4A8 dynamic per-token, rotation, RTN weights", "recipes/w4a8_rotated.yaml",
+        lambda s: [_step(s, "rotate"), "rtn"], "derive"),
+    "w4a8-gptq": (
+        "W4A8 dynamic per-token, GPTQ weights", "recipes/w4a8_rotated.yaml", lambda s: [_step(s, "gptq")], "derive"),
+    "w4a8-rotated-gptq": (
+        "W4A8 dynamic per-token, rotation, GPTQ weights", "recipes/w4a8_rotated.yaml", None, "derive"),
+    "w4a4-rtn": (
+        "W4A4 dynamic per-token, RTN weights", "recipes/w4a4_rotated_gptq.yaml", lambda s: ["rtn"], "derive"),
+    "w4a4-rotated-rtn": (
+        "W4A4 dynamic per-token, rotation, RTN weights", "recipes/w4a4_rotated_gptq.yaml",
+        lambda s: [_step(s, "rotate"), "rtn"], "derive"),
+    "w4a4-gptq": (
+        "W4A4 dynamic per-token, GPTQ weights", "recipes/w4a4_rotated_gptq.yaml",
+        lambda s: [_step(s, "gptq")], "derive"),
+    "w4a4-rotated-gptq": (
+        "W4A4 dynamic per-token, rotation, GPTQ weights", "recipes/w4a4_rotated_gptq.yaml", None, "derive"),
+    "w8a8-llm-int8": (
+        "W8A8 LLM.int8() decomposition (threshold 6)", "recipes/w8a8_int8_decomp.yaml", None,
+        "LLM.int8()'s mixed-precision decomposition (outlier input columns kept in float per forward pass) has "
+        "no compressed-tensors quantization scheme"),
+}
+
+#: Differences that hold for every llm-compressor row (compressed-tensors' arithmetic vs normquant's).
+COMMON_DIFFERENCES = [
+    "symmetric weight grid: normquant s = absmax/(2^(b-1)-1) (int4 /7, int8 /127); compressed-tensors "
+    "s = absmax/((2^b-1)/2) (int4 /7.5, int8 /127.5) with +absmax clipped to 2^(b-1)-1 (eval/llmcompressor/README.md)",
+    "normquant calibrates in batches of 8 samples; llm-compressor oneshot batch_size=--lc-batch-size (default 1)",
+]
+
+
+def build_row_recipe(row: str, samples: int, seqlen: int, seed: int):
+    """The normquant recipe (validated) of a table row, with the benchmark's calibration."""
+    from normquant.recipe import load_recipe, parse_recipe
+
+    title, base, edit, _ = OUTLIER_ROWS[row]
+    data = load_recipe(REPO / base).to_dict()
+    source = base
+    if edit is not None:
+        data["steps"] = edit(data["steps"])
+        data["name"] = f"{data['name']}--{row}"
+        source = f"derived from {base} in scripts/bench_llmcompressor.py (OUTLIER_ROWS['{row}']): steps " \
+                 f"{json.dumps(data['steps'])}"
+    data["calibration"] = {**data.get("calibration", {}), "dataset": "c4", "split": "validation",
+                           "samples": samples, "seqlen": seqlen, "seed": seed}
+    data.pop("export", None)
+    return parse_recipe(data, source), source
+
+
+def _ct_args(spec, role: str, mse: bool, diffs: list[str]) -> dict | None:
+    """normquant QuantSpec -> compressed-tensors QuantizationArgs dict for ``role`` ("weights" / "input")."""
+    from normquant.quant.search import MSE_GRID, MSE_MAXSHRINK, MSE_NORM
+
+    if spec is None:
+        return None
+    d = {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, "strategy": spec.granularity,
+         "dynamic": spec.dynamic}
+    if spec.granularity == "group":
+        d["group_size"] = spec.group_size
+    if role == "weights":
+        if spec.clip_ratio != 1.0:
+            raise SystemExit(f"weight clip_ratio {spec.clip_ratio} has no compressed-tensors equivalent")
+        if mse:  # normquant's §5.2 search: p = 1 - i/grid, i < maxshrink*grid, error sum |e|^norm, no early stop
+            d["observer"] = "memoryless_mse"
+            d["observer_kwargs"] = {"maxshrink": MSE_MAXSHRINK, "grid": float(MSE_GRID), "norm": MSE_NORM,
+                                    "patience": int(MSE_MAXSHRINK * MSE_GRID)}
+        else:
+            d["observer"] = "memoryless_minmax"
+        return d
+    if not spec.dynamic:
+        if spec.observer != "minmax":
+            raise SystemExit(f"static activation observer '{spec.observer}' has no llm-compressor equivalent")
+        # normquant: min/max over all calibration tokens. llm-compressor's default for static activations is
+        # "minmax" = an exponential moving average of per-batch min/max (averaging_constant 0.01), not that.
+        d["observer"] = "static_minmax"
+    if spec.clip_ratio != 1.0:
+        diffs.append(f"activation clip_ratio {spec.clip_ratio}: compressed-tensors QuantizationArgs has no clip "
+                     "ratio, so llm-compressor's dynamic per-token activations use the full per-token range")
+    return d
+
+
+def lc_modifiers_for(recipe, lc_note: str) -> tuple[list[dict] | None, list[str], str | None]:
+    """llm-compressor modifiers (``[{type, args}]``, applied in order) equivalent to a normquant recipe.
+
+    Returns ``(modifiers, differences, None)`` or ``(None, [], reason)`` when there is no equivalent.
+    """
+    if lc_note != "derive":
+        return None, [], lc_note
+    sch = recipe.scheme
+    if sch.overrides:
+        raise SystemExit("scheme overrides (mixed precision) are not translated to llm-compressor here")
+    if sch.input_activations is not None and sch.input_activations.outlier_threshold is not None:
+        return None, [], "LLM.int8() decomposition has no compressed-tensors scheme"
+    diffs = list(COMMON_DIFFERENCES)
+    mods: list[dict] = []
+    weight_step = None
+    for st in recipe.steps:
+        p = st.model_dump()
+        if st.name == "rotate":
+            if not (p["r1"] and p["r2"] and p["r4"]):
+                raise SystemExit(f"rotate {p}: only R1+R2+R4 is translated")
+            mods.append({"type": "SpinQuantModifier",
+                         "args": {"rotations": ["R1", "R2", "R4"], "transform_type": "random-hadamard"}})
+            diffs += [
+                f"rotation matrices: normquant random Hadamard from seed {p['seed']}; llm-compressor's "
+                "random-hadamard from its own unseeded torch.Generator (fixed default seed): different random "
+                "signs, same construction (Hadamard K-matrix x Sylvester, random diagonal)",
+                "llm-compressor's SpinQuantModifier mean-centres the embedding rows before R1 (QuaRot's LayerNorm "
+                "step); on an RMSNorm model that changes the float function (normquant's norm fusion does not)",
+                "online R4 before down_proj: normquant in fp32 (QuantLinear.input_transform), llm-compressor in "
+                "fp64 (forward pre-hook of a HadamardTransform, get_high_precision())",
+            ]
+        elif st.name == "smoothquant":
+            if p["search"] or not isinstance(p["alpha"], float):
+                raise SystemExit(f"smoothquant {p}: only one fixed alpha is translated")
+            mods.append({"type": "SmoothQuantModifier", "args": {"smoothing_strength": p["alpha"]}})
+            diffs.append("SmoothQuant statistic: normquant s_j = max|X_j|^a / max|W_j|^(1-a); llm-compressor "
+                         "s_j = (max X_j - min X_j)^a / (2 max|W_j|)^(1-a)")
+            if p["linears"]:
+                diffs.append("SmoothQuant mappings: normquant (linears: true) also smooths v_proj->o_proj and "
+                             "up_proj->down_proj; llm-compressor's Llama mappings are input_layernorm->q/k/v and "
+                             "post_attention_layernorm->gate/up only (row w8a8-static-smoothquant-normpairs "
+                             "matches them)")
+        elif st.name in ("rtn", "gptq"):
+            weight_step = (st.name, p)
+        else:
+            return None, [], f"normquant step '{st.name}' has no llm-compressor equivalent"
+    name, p = weight_step if weight_step else ("rtn", {"mse": False})
+    static = sch.input_activations is not None and not sch.input_activations.dynamic
+    if static or name == "gptq":
+        diffs.append("calibration path: llm-compressor calibrates under DisableQuantization, so the inputs its "
+                     + ("static activation observers" if static else "GPTQ Hessians") + " see come from earlier "
+                     "layers run with float activations" + (" and float weights (RTN weights are fake-quantized "
+                     "only in the forward after calibration)" if name == "rtn" else " and GPTQ-quantized weights")
+                     + "; normquant propagates the quantized path (quantized weights, activation quantizers on)")
+    group = {"targets": ["Linear"], "weights": _ct_args(sch.weights, "weights", p.get("mse", False), diffs),
+             "input_activations": _ct_args(sch.input_activations, "input", False, diffs)}
+    args = {"ignore": list(sch.ignore), "config_groups": {"group_0": group}}
+    if name == "gptq":
+        args.update(block_size=p["block_size"], dampening_frac=p["dampening"],
+                    actorder="static" if p["act_order"] else None)
+        mods.append({"type": "GPTQModifier", "args": args})
+    else:
+        mods.append({"type": "QuantizationModifier", "args": args})
+    return mods, diffs, None
+
+
+def _expected_args(mods: list[dict]) -> dict:
+    return mods[-1]["args"]["config_groups"]["group_0"]
+
+
+def check_resolved_group(want: dict, resolved: dict) -> list[str]:
+    diffs = []
+    for kind in ("weights", "input_activations"):
+        w, g = want.get(kind), resolved.get(kind)
+        if (w is None) != (g is None):
+            diffs.append(f"{kind}: wanted {w}, resolved {g}")
+            continue
+        for k, v in (w or {}).items():
+            if g.get(k) != v:
+                diffs.append(f"{kind}.{k}: wanted {v}, resolved {g.get(k)}")
+    return diffs
+
+
+def _side_summary(rec: dict, float_ppl: float) -> dict:
+    keep = ("ppl", "quant_wall_s", "quant_cpu_s", "eval_wall_s", "process_wall_s", "peak_rss_quant_mib",
+            "peak_rss_end_mib", "check", "loadavg_at_start", "loadavg_after_quant", "command")
+    out = {k: rec.get(k) for k in keep}
+    out["ratio_to_float"] = rec["ppl"] / float_ppl
+    if abs(rec["ppl"] - float_ppl) < 1e-6:
+        out["warning"] = "perplexity equals the float perplexity: the quantization is probably not applied"
+    return out
+
+
+def run_table(args) -> None:
+    from transformers import AutoTokenizer
+
+    from normquant.data.text import calibration_samples, tokenize_eval
+    from normquant.evaluation.records import write_json
+    from normquant.models.loading import materialize_packaged
+
+    rows = list(OUTLIER_ROWS) if not args.rows else [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in OUTLIER_ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; known: {', '.join(OUTLIER_ROWS)}")
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    if not sides or set(sides) - {"normquant", "llmcompressor"}:
+        raise SystemExit(f"--sides takes normquant,llmcompressor (got {args.sides})")
+    if args.order == "llmcompressor-first":
+        sides = sorted(sides, reverse=True)  # llmcompressor before normquant
+
+    code_sha = {p: sha256_file(REPO / p) for p in CODE_FILES + TABLE_CODE_FILES if (REPO / p).is_file()}
+    work = Path(args.work_dir).expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(args.model_dir) if args.model_dir else materialize_packaged("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+
+    # every row's recipes first: a translation error stops the run before any compute
+    plans = {}
+    for row in rows:
+        recipe, source = build_row_recipe(row, args.samples, args.seqlen, args.seed)
+        mods, diffs, reason = lc_modifiers_for(recipe, OUTLIER_ROWS[row][3])
+        plans[row] = {"recipe": recipe, "source": source, "lc_modifiers": mods, "lc_differences": diffs,
+                      "lc_none_reason": reason}
+
+    calib = calibration_samples(tok, "c4", "validation", n=args.samples, seqlen=args.seqlen, seed=args.seed,
+                                data_dir=args.data_dir)  # [N, seqlen]
+    calib_path = work / f"calib_c4_validation_n{args.samples}_L{args.seqlen}_seed{args.seed}.pt"
+    torch.save(calib, calib_path)
+    eval_ids = tokenize_eval(tok, "wikitext2", "test", args.data_dir)  # [1, n_tokens]
+    eval_path = work / "wikitext2_test_ids.pt"
+    torch.save(eval_ids, eval_path)
+    base_job = {"model_dir": str(model_dir), "calib_path": str(calib_path), "eval_path": str(eval_path),
+                "calib_sha256": sha256_tensor(calib), "eval_sha256": sha256_tensor(eval_ids), "seqlen": args.seqlen,
+                "windows": args.windows, "threads": args.threads}
+    protocol_key = {k: base_job[k] for k in ("calib_sha256", "eval_sha256", "seqlen", "windows", "threads")}
+    protocol_key["samples"] = args.samples
+
+    out_path = Path(args.out)
+    previous = {}
+    if args.resume and out_path.is_file():
+        old = json.loads(out_path.read_text())
+        if old.get("protocol_key") == protocol_key:
+            previous = old.get("rows", {})
+            print(f"[table] resuming: {len(previous)} row(s) in {out_path} share this protocol", flush=True)
+        else:
+            print(f"[table] --resume: {out_path} has another protocol; starting afresh", flush=True)
+
+    float_job_path = work / "job_table_float.json"
+    float_job_path.write_text(json.dumps({**base_job, "normquant_recipe": None, "llmcompressor": None}, indent=2))
+    print(f"[table] rows {rows}; sides {sides}; N={args.samples} x {args.seqlen}, windows={args.windows}; "
+          f"work dir {work}", flush=True)
+
+    doc = {
+        "benchmark": "issue 10 outlier table: normquant vs llm-compressor, one calibration tensor, one evaluator "
+                     "(scripts/bench_llmcompressor.py --table outliers)",
+        "status": "running",
+        "command": shlex.join(["python"] + sys.argv),
+        "model": str(args.model_dir) if args.model_dir else
+                 "smollm2-135m (SmolLM2-135M-Instruct, GGUF Q4_1 dequantized to fp32)",
+        "protocol": {
+            "calibration": f"c4/validation via normquant.data.text.calibration_samples, N={args.samples} x "
+                           f"{args.seqlen} tokens, seed {args.seed}; one tensor saved to .pt and fed to every row "
+                           f"and both sides (sha256[:16] {base_job['calib_sha256']})",
+            "evaluation": f"wikitext2/test tokenized once (sha256[:16] {base_job['eval_sha256']}), first "
+                          f"{args.windows} non-overlapping {args.seqlen}-token windows, fp32, CPU, normquant "
+                          "evaluate_perplexity in both processes (llm-compressor: on the model object oneshot "
+                          "returns, with its compressed-tensors fake-quant forward and online R4 hooks)",
+            "timing": "wall and CPU seconds of the quantization call only (normquant.pipeline.run.quantize / "
+                      "llmcompressor.oneshot); eval_wall_s and process_wall_s (interpreter start to exit) are "
+                      "recorded too; sides run one after the other in separate processes, never in parallel",
+            "llmcompressor_pipeline": "oneshot(pipeline='independent') (its default): each modifier gets its own "
+                                      "calibration pass (SpinQuant: data-free; SmoothQuant, static "
+                                      "QuantizationModifier, GPTQ: sequential per decoder layer), so SmoothQuant "
+                                      "is applied before the activation observers / Hessians see the inputs",
+            "machine": f"{os.cpu_count()} CPU cores shared with other jobs; torch threads per side {args.threads}",
+            "lc_batch_size": args.lc_batch_size,
+        },
+        "protocol_key": protocol_key,
+        "float": None,
+        "rows_order": rows,
+        "rows": {},
+        "git_commit": head_commit(),
+        "git_note": "HEAD read from .git; the working tree may hold uncommitted edits (shared tree)",
+        "code_sha256": code_sha,
+        "date_start": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+    def save():
+        doc["date_last_write"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        write_json(out_path, doc)
+
+    float_main = float_side(sys.executable, "main", base_job, float_job_path, work, extra_pythonpath=False)
+    print(f"[table] float ppl (main env) {float_main['ppl']:.4f}", flush=True)
+    float_rec = {"ppl": float_main["ppl"], "eval": float_main["eval"], "versions_main": float_main["versions"],
+                 "eval_wall_s": float_main.get("eval_wall_s"), "cached_main": float_main.get("cached")}
+    if "llmcompressor" in sides:
+        float_venv = float_side(args.venv_python, "venv", base_job, float_job_path, work, extra_pythonpath=True)
+        print(f"[table] float ppl (llm-compressor venv) {float_venv['ppl']:.4f}", flush=True)
+        float_rec.update(ppl_venv=float_venv["ppl"], versions_venv=float_venv["versions"],
+                         cached_venv=float_venv.get("cached"))
+    doc["float"] = float_rec
+    fppl = float_main["ppl"]
+    save()
+
+    failed = []
+    lc_done: dict[str, str] = {}  # llm-compressor recipe (JSON) -> the row that ran it in this run
+    for row in rows:
+        plan = plans[row]
+        recipe = plan["recipe"]
+        entry = {
+            "title": OUTLIER_ROWS[row][0],
+            "normquant_recipe": {"source": plan["source"], "recipe": recipe.to_dict(), "hash": recipe.hash()},
+            "llmcompressor_recipe": ({"modifiers": plan["lc_modifiers"], "oneshot": {
+                "pipeline": "independent", "batch_size": args.lc_batch_size, "shuffle_calibration_samples": False}}
+                if plan["lc_modifiers"] is not None else None),
+            "llmcompressor_none_reason": plan["lc_none_reason"],
+            "llmcompressor_differences": plan["lc_differences"],
+        }
+        doc["rows"][row] = entry
+        old = previous.get(row, {})
+        job = {**base_job, "row": row, "normquant_recipe": recipe.to_dict(),
+               "llmcompressor": {"modifiers": plan["lc_modifiers"], "batch_size": args.lc_batch_size}
+               if plan["lc_modifiers"] is not None else None}
+        job_path = work / f"job_table_{row}.json"
+        job_path.write_text(json.dumps(job, indent=2) + "\n")
+        for side in sides:
+            if side == "llmcompressor" and plan["lc_modifiers"] is None:
+                entry["llmcompressor"] = None
+                continue
+            same = (old.get("normquant_recipe", {}).get("hash") == recipe.hash() if side == "normquant" else
+                    old.get("llmcompressor_recipe") == entry["llmcompressor_recipe"])
+            if same and isinstance(old.get(side), dict) and "ppl" in old[side]:
+                entry[side] = {**old[side], "resumed": True}
+                if side == "llmcompressor":
+                    entry["llmcompressor_resolved_scheme"] = old.get("llmcompressor_resolved_scheme")
+                    entry["llmcompressor_resolved_mismatches"] = old.get("llmcompressor_resolved_mismatches")
+                    lc_done.setdefault(json.dumps(entry["llmcompressor_recipe"], sort_keys=True), row)
+                print(f"[table] {row} / {side}: kept from the previous run (ppl {old[side]['ppl']:.4f})", flush=True)
+                continue
+            lc_key = json.dumps(entry["llmcompressor_recipe"], sort_keys=True)
+            if side == "llmcompressor" and lc_key in lc_done and "ppl" in doc["rows"][lc_done[lc_key]].get(side, {}):
+                src = lc_done[lc_key]  # the same modifiers on the same data: the same model, not run twice
+                entry[side] = {**doc["rows"][src][side], "same_recipe_as_row": src}
+                for k in ("llmcompressor_resolved_scheme", "llmcompressor_resolved_mismatches"):
+                    entry[k] = doc["rows"][src].get(k)
+                print(f"[table] {row} / {side}: same llm-compressor recipe as {src}, result reused", flush=True)
+                continue
+            python, pp = (sys.executable, False) if side == "normquant" else (args.venv_python, True)
+            load = os.getloadavg()
+            print(f"[table] {row} / {side}: running (loadavg {load[0]:.2f}) ...", flush=True)
+            try:
+                rec = run_side(side, python, job_path, work / f"table_{side}_{row}.json",
+                               work / f"table_{side}_{row}.log", pp)
+            except SystemExit as e:
+                entry[side] = {"error": str(e)[-4000:], "log": str(work / f"table_{side}_{row}.log")}
+                failed.append(f"{row}/{side}")
+                print(f"[table] {row} / {side}: FAILED, see {work / f'table_{side}_{row}.log'}", flush=True)
+                save()
+                continue
+            entry[side] = {**_side_summary(rec, fppl), "loadavg_before": load, "versions": rec.get("versions")}
+            if side == "llmcompressor":
+                lc_done[lc_key] = row
+                resolved = rec["check"].get("resolved_scheme", {})
+                entry["llmcompressor_resolved_scheme"] = resolved
+                entry["llmcompressor_resolved_mismatches"] = check_resolved_group(
+                    _expected_args(plan["lc_modifiers"]), resolved)
+                if entry["llmcompressor_resolved_mismatches"]:
+                    print(f"[table] WARNING {row}: llm-compressor resolved {entry['llmcompressor_resolved_mismatches']}",
+                          flush=True)
+            print(f"[table] {row} / {side}: ppl {rec['ppl']:.4f} (x{rec['ppl'] / fppl:.3f} float), quantization "
+                  f"{rec['quant_wall_s']:.1f} s wall / {rec['quant_cpu_s']:.1f} s CPU, process "
+                  f"{rec['process_wall_s']:.1f} s", flush=True)
+            save()
+        nq, lc = entry.get("normquant"), entry.get("llmcompressor")
+        if isinstance(nq, dict) and isinstance(lc, dict) and "ppl" in nq and "ppl" in lc:
+            entry["ppl_ratio_normquant_over_llmcompressor"] = nq["ppl"] / lc["ppl"]
+        save()
+
+    doc["status"] = "complete" if not failed else f"complete with failures: {failed}"
+    doc["date_end"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    save()
+
+    print(f"\nissue 10 table, N={args.samples} x {args.seqlen}, wikitext2 first {args.windows} windows, "
+          f"float {fppl:.4f}")
+    print(f"{'row':36s} {'normquant':>11s} {'x float':>8s} {'quant s':>8s} {'llm-comp':>11s} {'x float':>8s} "
+          f"{'quant s':>8s}")
+    for row in rows:
+        e = doc["rows"][row]
+        cells = []
+        for side in ("normquant", "llmcompressor"):
+            r = e.get(side)
+            if isinstance(r, dict) and "ppl" in r:
+                cells += [f"{r['ppl']:11.4f}", f"{r['ratio_to_float']:8.3f}", f"{r['quant_wall_s']:8.1f}"]
+            else:
+                label = "n/a" if r is None and side == "llmcompressor" and e["llmcompressor_recipe"] is None else \
+                        ("FAILED" if isinstance(r, dict) else "-")
+                cells += [f"{label:>11s}", f"{'':8s}", f"{'':8s}"]
+        print(f"{row:36s} " + " ".join(cells))
+    print(f"wrote {out_path}")
+    if failed:
+        raise SystemExit(f"failed: {failed}")
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main() -> None:
     ap = argparse.ArgumentParser(description="normquant GPTQ vs llm-compressor GPTQModifier on SmolLM2-135M")
@@ -250,7 +699,21 @@ def main() -> None:
     ap.add_argument("--note", default=DEFAULT_NOTE, help="why this N (recorded in the JSON)")
     ap.add_argument("--tag", help="suffix of the result file: <out-dir>/<scheme>-<tag>.json (variants of one scheme)")
     ap.add_argument("--model-dir", help="HF folder to use instead of the packaged smollm2-135m (smoke tests)")
+    tb = ap.add_argument_group("issue 10 table (--table outliers; --scheme, --act-order, --tag, --note are ignored)")
+    tb.add_argument("--table", choices=["outliers"],
+                    help="run the issue 10 side-by-side table (rows: OUTLIER_ROWS) instead of one GPTQ scheme")
+    tb.add_argument("--rows", help=f"comma-separated subset of rows, in this order (default all: "
+                                   f"{','.join(OUTLIER_ROWS)})")
+    tb.add_argument("--sides", default="normquant,llmcompressor", help="normquant,llmcompressor or one of them")
+    tb.add_argument("--out", default=str(REPO / "eval" / "outliers_smollm2.json"),
+                    help="the table's JSON, rewritten after every side of every row")
+    tb.add_argument("--resume", action="store_true",
+                    help="keep the rows/sides of an existing --out whose protocol (calibration and eval tensors, "
+                         "windows, seqlen, threads) and recipe are the same; run the rest")
     args = ap.parse_args()
+    if args.table:
+        run_table(args)
+        return
 
     from transformers import AutoTokenizer
 
