@@ -462,6 +462,9 @@ def _side_summary(rec: dict, float_ppl: float) -> dict:
     keep = ("ppl", "quant_wall_s", "quant_cpu_s", "eval_wall_s", "process_wall_s", "peak_rss_quant_mib",
             "peak_rss_end_mib", "check", "loadavg_at_start", "loadavg_after_quant", "command")
     out = {k: rec.get(k) for k in keep}
+    if "float_with_prefix" in rec:  # PrefixQuant rows: the float model reading the same prefix
+        out["float_with_prefix_ppl"] = rec["float_with_prefix"]["ppl"]
+        out["ratio_to_float_with_prefix"] = rec["ppl"] / rec["float_with_prefix"]["ppl"]
     out["ratio_to_float"] = rec["ppl"] / float_ppl
     if abs(rec["ppl"] - float_ppl) < 1e-6:
         out["warning"] = "perplexity equals the float perplexity: the quantization is probably not applied"

@@ -160,3 +160,14 @@ def test_a_transform_config_normquant_did_not_write_is_refused(tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match="not a transform normquant writes"):
         load_quantized(path)
+
+
+def test_a_fused_layernorm_model_is_refused_before_anything_is_written(tmp_path):
+    """OPT after norm fusion has bias-free RMSNorms and an lm_head bias: no loader could rebuild it."""
+    model = tiny_model("opt")
+    recipe = parse_recipe({"name": "opt", "scheme": {"ignore": ["lm_head"], **CASES["w8a8-dynamic-K12"][1]},
+                           "steps": [{"rotate": {"seed": 0}}, "rtn"]})
+    quantize(model, recipe, None, progress=False)
+    with pytest.raises(ExportError, match=r"no longer has OPTForCausalLM's structure .*lm_head\.bias"):
+        export_model(model, None, tmp_path / "opt")
+    assert not (tmp_path / "opt").exists()

@@ -32,7 +32,7 @@ from torch import nn
 
 from normquant.export.layers import compress_linear, decompress_linear
 from normquant.export.schema import ConfigGroup, ExportError, quant_specs, quantization_config
-from normquant.export.serving import serving_notes
+from normquant.export.serving import serving_notes, vanilla_keys
 from normquant.export.transforms import (install_transforms, read_transform_config, transform_config,
                                          transform_tensor_names)
 from normquant.export.verify import (check_config, check_layer_tensors, read_manifest, read_safetensors_header,
@@ -99,7 +99,26 @@ def compressed_checkpoint(model: nn.Module) -> tuple[dict[str, torch.Tensor], di
     for key, t in model.state_dict().items():
         if key not in aliases and not key.startswith(prefixes):
             tensors[key] = t.detach().cpu().contiguous()
+    _check_reloadable(model, tensors, prefixes, transform_tensor_names(read_transform_config(qconfig, "export")))
     return tensors, qconfig, quant_specs(groups)
+
+
+def _check_reloadable(model: nn.Module, tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...],
+                      matrices: set[str]) -> None:
+    """Refuse (one line) an export :func:`load_quantized` could not rebuild: tensors outside the quantized layers
+    that the model's class lacks, or class parameters with no tensor (norm fusion of a LayerNorm model leaves a
+    bias-free RMSNorm and an ``lm_head`` bias)."""
+    vanilla = vanilla_keys(model)
+    if vanilla is None:
+        return
+    extra = sorted(k for k in tensors if k not in vanilla and not k.startswith(prefixes) and k not in matrices)
+    missing = sorted(k for k in vanilla if k not in tensors and not k.startswith(prefixes))
+    if extra or missing:
+        arch = type(model).__name__
+        raise ExportError(f"cannot export: the model no longer has {arch}'s structure (tensors {arch} lacks: "
+                          f"{extra[:3]}; {arch} parameters it no longer has: {missing[:3]}), so neither normquant nor "
+                          "transformers could load the export back; LayerNorm models after norm fusion/rotation "
+                          "are evaluation-only for now")
 
 
 # ---------------------------------------------------------------------------------------------------------

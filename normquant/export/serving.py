@@ -50,7 +50,7 @@ def _names(names: list[str], limit: int = 3) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _vanilla_keys(model: nn.Module) -> set[str] | None:
+def vanilla_keys(model: nn.Module) -> set[str] | None:
     """State-dict keys (tied aliases dropped) of the model's class built from its config, on the meta device."""
     try:
         with torch.device("meta"):
@@ -100,22 +100,16 @@ def serving_notes(model: nn.Module, qconfig: dict[str, Any], tensors: dict[str, 
         notes.append(f"PrefixQuant prefix {prefix.tolist()} (config.json normquant.prefix_ids): its positions must "
                      "pass every activation quantizer in float (a KV cache computed once); compressed-tensors "
                      "quantizes every position. normquant eval on this export applies it")
-    vanilla = _vanilla_keys(model)
+    vanilla = vanilla_keys(model)
     if vanilla is not None:
         prefixes = tuple(f"{n}." for n in quantized)
         matrices = transform_tensor_names(transforms)
         extra = sorted(k for k in tensors if k not in vanilla and k not in matrices
                        and not (k.startswith(prefixes) and k.rpartition(".")[2] in QUANT_KEYS))
-        missing = sorted(k for k in vanilla if k not in tensors and not k.startswith(prefixes))
-        if extra or missing:
+        if extra:  # inside quantized layers (RepQuant's created biases): normquant loads them, transformers drops them
             parity = "none"
-            arch = type(model).__name__
-            if extra:
-                notes.append(f"{len(extra)} tensors {arch} has no parameter for ({_names(extra)}): transformers drops "
-                             "them (RepQuant's created biases, normquant's norm modules)")
-            if missing:
-                notes.append(f"{len(missing)} {arch} parameters not in the checkpoint under their names "
-                             f"({_names(missing)}): transformers initializes them randomly")
+            notes.append(f"{len(extra)} tensors {type(model).__name__} has no parameter for ({_names(extra)}): "
+                         "transformers drops them (RepQuant's created biases)")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if dtype in (torch.float16, torch.bfloat16) and parity != "none":
         parity = {"exact": "approximate", "exact-with-dequantize": "approximate-with-dequantize"}[parity]
