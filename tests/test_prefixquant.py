@@ -136,3 +136,13 @@ def test_lm_eval_refuses_a_prefixed_model():
 
     with pytest.raises(TaskEvalError, match="PrefixQuant's prefix step, which lm-eval cannot apply"):
         evaluate_tasks(_quantized(DYNAMIC), None, ["x.yaml"])
+
+
+def test_window_plus_prefix_must_fit_the_positions():
+    from normquant.data.text import DataError
+
+    model = _quantized(DYNAMIC)
+    n = model.config.max_position_embeddings
+    ids = tiny_inputs(model, batch=1, seq=n, seed=2)
+    with pytest.raises(DataError, match=rf"seqlen {n} \+ 2 prefix tokens exceeds .* use --seqlen {n - 2} or less"):
+        evaluate_perplexity(model, ids, seqlen=n, progress=False)

@@ -68,15 +68,16 @@ def _peak_memory_mb(device: torch.device) -> float:
 def evaluate_perplexity(model, input_ids: torch.Tensor, *, seqlen: int = 2048, windows: int | None = None,
                         batch_size: int = 1, progress: bool = True) -> PerplexityResult:
     """Perplexity of ``model`` on ``input_ids`` ``[1, n]`` under the protocol above."""
+    prefix = prefix_of(model)
+    p = 0 if prefix is None else prefix.numel()
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(max_pos, int) and seqlen > max_pos:
-        raise DataError(f"evaluation seqlen {seqlen} exceeds the model's max_position_embeddings {max_pos}; "
-                        f"use --seqlen {max_pos} or less")
+    if isinstance(max_pos, int) and seqlen + p > max_pos:
+        raise DataError(f"evaluation seqlen {seqlen}{f' + {p} prefix tokens' if p else ''} exceeds the model's "
+                        f"max_position_embeddings {max_pos}; use --seqlen {max_pos - p} or less")
     all_windows = cut_windows(input_ids, seqlen)  # [n_windows, seqlen]
     total = all_windows.shape[0]
     use = all_windows[: min(windows, total)] if windows else all_windows
     device = model_device(model)
-    prefix = prefix_of(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     nll_sum, count = 0.0, 0
