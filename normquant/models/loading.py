@@ -205,9 +205,16 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype = "float32", devic
         src, kwargs["gguf_file"] = str(path.parent), path.name
     else:
         src = str(path) if path.exists() else name_or_path
+    if not path.exists() and not _hub_reachable():  # a hub id with no network: the cache, or one line now
+        if not _hub_cached(src):
+            raise ModelLoadError(f"cannot load model '{src}': the Hugging Face Hub is unreachable (no network?) and "
+                                 "the model is not in the local cache; give a local folder or a packaged name, or "
+                                 "download it where there is a network")
+        kwargs["local_files_only"] = True
     try:
-        tok = AutoTokenizer.from_pretrained(src, **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
-        config_cls = _auto_class(src, kwargs.get("gguf_file"))
+        tok = AutoTokenizer.from_pretrained(src, **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}),
+                                            local_files_only=kwargs.get("local_files_only", False))
+        config_cls = _auto_class(src, kwargs.get("gguf_file"), kwargs.get("local_files_only", False))
         model = (AutoModelForCausalLM if config_cls == "causal" else AutoModel).from_pretrained(src, **kwargs)
     except MemoryError:
         raise
@@ -288,13 +295,42 @@ def min_export_bytes(recipe) -> int:
     return numel * min(bits + [dtype_bits]) // 8
 
 
-def _auto_class(src: str, gguf_file: str | None) -> str:
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub answers a TCP connection (``HF_ENDPOINT``'s host, port 443) within ``timeout`` seconds.
+    True when offline mode is set (transformers then reads the cache itself) or a proxy is configured (the
+    proxy resolves the host); without this, huggingface_hub retries for about a minute and logs every retry."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or any(
+            os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether ``repo_id``'s config.json is in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub library refuses: not cached
+        return False
+
+
+def _auto_class(src: str, gguf_file: str | None, local_files_only: bool = False) -> str:
     """"causal" for decoder LMs, "encoder" for models whose config lists no *ForCausalLM architecture."""
     if gguf_file:
         return "causal"
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(src)
+    config = AutoConfig.from_pretrained(src, local_files_only=local_files_only)
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or not archs:
         return "causal" if config.model_type != "bert" else "encoder"
