@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from normquant.messages import one_line, show
 from normquant.pipeline.step import Step, check_order, discover_steps
+from normquant.quant.kv import KVCacheSpec
 from normquant.quant.spec import QuantSpec
 from normquant.quant.targets import matches
 
@@ -95,6 +96,9 @@ class Scheme(_Strict):
     weights: QuantSpec | None = None
     input_activations: QuantSpec | None = None
     overrides: list[Override] = []
+    # keys/values stored quantized (normquant.quant.kv, .kv_cache); left out of dumps when absent, so the hash of a
+    # recipe without it is unchanged
+    kv_cache: KVCacheSpec | None = Field(None, exclude_if=lambda v: v is None)
 
     _check_weights = field_validator("weights")(_weights_minmax)
 
@@ -180,8 +184,10 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _weights_or_steps(self) -> "Recipe":
-        if self.scheme.weights is None and self.scheme.input_activations is None and not self.scheme.overrides:
-            raise ValueError("scheme quantizes nothing: give scheme.weights and/or scheme.input_activations")
+        s = self.scheme
+        if s.weights is None and s.input_activations is None and not s.overrides and s.kv_cache is None:
+            raise ValueError("scheme quantizes nothing: give scheme.weights, scheme.input_activations and/or "
+                             "scheme.kv_cache")
         return self
 
     @property

@@ -60,12 +60,18 @@ def base():
     return model, tiny_inputs(model, batch=4, seq=16)
 
 
+def _state(model, _path=None) -> dict:
+    """RepQuant's reparameterized norms cannot be exported (no loader could rebuild them): compare the state."""
+    return {k: (t.dtype, t.shape, t.numpy().tobytes()) for k, t in model.state_dict().items()}
+
+
 @pytest.mark.parametrize("name", ["gptq-w4g16-a8static", "repquant-w4a8", "rtn-data-free"])
 def test_interrupted_then_resumed_export_is_byte_identical(tmp_path, base, name):
     model, ids = base
     recipe = parse_recipe(copy.deepcopy(RECIPES[name]))
     calib = ids if recipe.needs_data else None
-    reference = _export(quantize(copy.deepcopy(model), recipe, calib, progress=False), tmp_path / "ref")
+    snapshot = _state if name.startswith("repquant") else _export
+    reference = snapshot(quantize(copy.deepcopy(model), recipe, calib, progress=False), tmp_path / "ref")
 
     ckpt = tmp_path / "resume"
     with pytest.raises(KeyboardInterrupt):
@@ -77,7 +83,7 @@ def test_interrupted_then_resumed_export_is_byte_identical(tmp_path, base, name)
     out = quantize(copy.deepcopy(model), parse_recipe(copy.deepcopy(RECIPES[name])), calib, progress=False,
                    checkpoint=resumed)
     assert resumed.done == 3  # blocks 0-1 restored, 2 quantized and saved
-    assert _export(out, tmp_path / "resumed") == reference  # every file, byte for byte
+    assert snapshot(out, tmp_path / "resumed") == reference  # every file (every tensor), byte for byte
 
 
 def test_resume_off_saves_nothing_and_checkpointing_changes_nothing(tmp_path, base):

@@ -6,6 +6,10 @@ next tokens; ``ppl = exp(mean NLL over all predicted tokens)``. ``windows=N`` ev
 only and is labelled so in the record. A model quantized with PrefixQuant's ``prefix`` step
 (:mod:`normquant.methods.prefixquant`) reads ``[prefix | window]`` with the prefix positions float and predicts
 the same ``seqlen - 1`` tokens; the record says how many prefix tokens it had (``prefix_tokens``).
+
+``kv_cache=spec`` (:class:`normquant.quant.kv.KVCacheSpec`) runs every window through a fresh
+:class:`normquant.quant.kv_cache.QuantizedKVCache` (``use_cache=True``): attention reads the keys and values
+the quantized cache holds, at every position; a PrefixQuant prefix stays float in it, as its float KV cache.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from normquant.progress import progress_bar
+from normquant.quant.kv import KVCacheSpec
+from normquant.quant.kv_cache import QuantizedKVCache
 from normquant.quant.prefix import float_prefix, prefix_of, prepend_prefix
 
 from normquant.data.text import DataError
@@ -35,6 +41,7 @@ class PerplexityResult:
     device: str
     dtype: str
     prefix_tokens: int = 0  # PrefixQuant tokens read before every window (not predicted)
+    kv_cache: str | None = None  # KVCacheSpec.short() of the quantized KV cache the windows ran through
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,8 +73,10 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 @torch.no_grad()
 def evaluate_perplexity(model, input_ids: torch.Tensor, *, seqlen: int = 2048, windows: int | None = None,
-                        batch_size: int = 1, progress: bool = True) -> PerplexityResult:
-    """Perplexity of ``model`` on ``input_ids`` ``[1, n]`` under the protocol above."""
+                        batch_size: int = 1, progress: bool = True, kv_cache: KVCacheSpec | None = None
+                        ) -> PerplexityResult:
+    """Perplexity of ``model`` on ``input_ids`` ``[1, n]`` under the protocol above (through a quantized KV cache
+    when ``kv_cache`` is given)."""
     prefix = prefix_of(model)
     p = 0 if prefix is None else prefix.numel()
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -85,11 +94,13 @@ def evaluate_perplexity(model, input_ids: torch.Tensor, *, seqlen: int = 2048, w
     bar = progress_bar(total=use.shape[0], desc="perplexity", unit="window", enabled=progress)
     for i in range(0, use.shape[0], batch_size):
         batch = use[i:i + batch_size].to(device)  # [b, seqlen]
+        run = ({"use_cache": False} if kv_cache is None else  # a fresh quantized cache per window
+               {"use_cache": True, "cache": QuantizedKVCache(model.config, kv_cache, float_prefix=p)})
         if prefix is None:
-            logits = model(input_ids=batch, use_cache=False).logits  # [b, seqlen, vocab]
+            logits = model(input_ids=batch, **run).logits  # [b, seqlen, vocab]
         else:  # PrefixQuant: [prefix | window], prefix positions float, the same tokens predicted
             with float_prefix(prefix.numel()):
-                logits = model(input_ids=prepend_prefix(prefix, batch), use_cache=False).logits[:, prefix.numel():]
+                logits = model(input_ids=prepend_prefix(prefix, batch), **run).logits[:, prefix.numel():]
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
                               reduction="sum")
         if not torch.isfinite(nll):
@@ -106,4 +117,5 @@ def evaluate_perplexity(model, input_ids: torch.Tensor, *, seqlen: int = 2048, w
                             tokens=count, seconds=seconds, tokens_per_s=use.numel() / seconds,
                             peak_memory_mb=_peak_memory_mb(device), device=str(device),
                             dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-                            prefix_tokens=0 if prefix is None else prefix.numel())
+                            prefix_tokens=0 if prefix is None else prefix.numel(),
+                            kv_cache=None if kv_cache is None else kv_cache.short())

@@ -106,8 +106,8 @@ def compressed_checkpoint(model: nn.Module) -> tuple[dict[str, torch.Tensor], di
 def _check_reloadable(model: nn.Module, tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...],
                       matrices: set[str]) -> None:
     """Refuse (one line) an export :func:`load_quantized` could not rebuild: tensors outside the quantized layers
-    that the model's class lacks, or class parameters with no tensor (norm fusion of a LayerNorm model leaves a
-    bias-free RMSNorm and an ``lm_head`` bias)."""
+    that the model's class lacks, or class parameters with no tensor (RepQuant's norms with a bias; norm fusion
+    of a LayerNorm model leaves a bias-free RMSNorm and an ``lm_head`` bias)."""
     vanilla = vanilla_keys(model)
     if vanilla is None:
         return
@@ -117,8 +117,8 @@ def _check_reloadable(model: nn.Module, tensors: dict[str, torch.Tensor], prefix
         arch = type(model).__name__
         raise ExportError(f"cannot export: the model no longer has {arch}'s structure (tensors {arch} lacks: "
                           f"{extra[:3]}; {arch} parameters it no longer has: {missing[:3]}), so neither normquant nor "
-                          "transformers could load the export back; LayerNorm models after norm fusion/rotation "
-                          "are evaluation-only for now")
+                          "transformers could load the export back; RepQuant's reparameterized norms and LayerNorm "
+                          "models after norm fusion/rotation are evaluation-only for now")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def quantize(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor | None = 
         calib_ids = prepend_prefix(prefix, calib_ids)
     with float_prefix(0 if prefix is None else prefix.numel()):
         wrapped = _quantize_blocks(model, recipe, calib_ids, device, progress, checkpoint)
-    if not wrapped:
+    if not wrapped and (recipe.scheme.weights or recipe.scheme.input_activations or recipe.scheme.overrides):
         raise RecipeError("the scheme's targets match no Linear module; check scheme.targets / scheme.ignore")
     return model
 

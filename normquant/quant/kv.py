@@ -1,0 +1,308 @@
+"""KV-cache quantization: the spec, the quantizer interface, per-token-head RTN, packed code storage and the
+exact bits-per-element account.
+
+A KV tensor is ``[B, H_kv, T, D]`` (batch, KV heads, tokens, head_dim), as transformers' attention hands it to
+the cache. A :class:`KVQuantizer` turns ``n`` tokens of it into stored tensors — packed integer codes and their
+quantization parameters — and back; every stored tensor has the tokens (or blocks of ``token_block`` tokens) on
+axis 2, so a cache appends by concatenating along that axis (:mod:`normquant.quant.kv_cache`).
+
+Methods are a registry (``method`` name -> key and value quantizers): ``rtn`` here, ``kivi`` in
+:mod:`normquant.methods.kivi`, ``nsn`` in :mod:`normquant.methods.nsnquant`; a method module registers itself with :func:`register_kv_method` and is imported
+with the steps (:func:`normquant.pipeline.step.discover_steps`).
+
+``rtn`` with ``granularity: token_head`` is the layout of vLLM's per-token-head INT8/INT4 KV caches: one scale
+(and zero point when asymmetric) per token per KV head, over its ``head_dim`` values, on normquant's min-max grid
+(:func:`normquant.quant.primitives.qparams_from_range`).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+
+from normquant.quant.hadamard import hadamard_matrix
+from normquant.quant.packing import pack_to_int32, unpack_from_int32
+from normquant.quant.primitives import dequantize_view, qparams_from_range, quantize_view
+from normquant.quant.spec import QuantSpec
+
+_SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+class KVCacheSpec(BaseModel):
+    """``scheme.kv_cache``: how the KV cache is stored.
+
+    * ``method``: ``rtn`` (uniform, ``granularity`` below), ``kivi`` (KIVI: keys per channel over groups of
+      ``group_size`` tokens, values per token, asymmetric) or ``nsn`` (NSNQuant: normalize-shift-normalize,
+      Hadamard and 8-dimensional vector quantization per window of ``group_size`` tokens).
+    * ``bits``: code width, 2..8 (rtn, kivi); 1 or 2 (nsn).
+    * ``granularity`` (rtn): ``token_head``, one scale per token per KV head.
+    * ``symmetric`` (rtn): signed grid, zero point 0 (default); ``false``: unsigned grid with an integer zero point
+      per token per head. KIVI is asymmetric by construction (a float minimum per group).
+    * ``group_size`` (kivi, nsn): tokens sharing a key channel's scale and minimum (KIVI's G, default 32); NSN's
+      window ``ws`` (default 64).
+    * ``residual``: the most recent tokens kept in the model's float dtype, KIVI's full-precision window R; they are
+      quantized once older than that (keys of ``kivi`` by whole groups).
+    * ``scale_dtype``: precision of the stored scales / minima.
+    * ``rotate_keys``: R3 (METHODS §4.2): keys quantized in the per-head Hadamard basis ``T k`` (after RoPE) and
+      read back as ``Tᵀ Q(T k)``; attention then computes ``q · Tᵀ Q(T k) = (T q) · Q(T k)``, QuaRot's rotated
+      scores, without an online transform of ``q``. Values are left alone (QuaRot's ``v`` rotation is offline).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["rtn", "kivi", "nsn"] = "rtn"
+    bits: int = Field(ge=1, le=8, strict=True)
+    granularity: Literal["token_head"] | None = None
+    symmetric: StrictBool | None = None
+    group_size: int | None = Field(default=None, gt=0, strict=True)
+    residual: int = Field(default=0, ge=0, strict=True)
+    scale_dtype: Literal["float16", "float32"] = "float16"
+    rotate_keys: StrictBool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "KVCacheSpec":
+        if self.method == "nsn" and self.bits not in (1, 2):
+            raise ValueError(f"nsn quantizes at 1 or 2 bits per element (got bits: {self.bits})")
+        if self.method != "nsn" and self.bits < 2:
+            raise ValueError(f"{self.method} needs bits 2..8 (1 bit is nsn's)")
+        if self.method == "nsn" and (self.granularity is not None or self.symmetric is not None):
+            raise ValueError("nsn fixes its own layout (vector quantization per window): remove granularity/symmetric")
+        if self.method == "nsn" and self.rotate_keys:
+            raise ValueError("nsn applies its own Hadamard to keys (a second one would cancel it): remove rotate_keys")
+        if self.method == "kivi":
+            if self.granularity is not None:
+                raise ValueError("kivi fixes its own layout (keys per channel, values per token): remove granularity")
+            if self.symmetric:
+                raise ValueError("kivi is asymmetric (a minimum per group): remove symmetric")
+        if self.method == "rtn" and self.group_size is not None:
+            raise ValueError("group_size is kivi's key group or nsn's window; rtn quantizes per token_head: remove "
+                             "group_size")
+        return self
+
+    @property
+    def key_group(self) -> int:
+        """Tokens quantized together in the keys (KIVI's G, NSN's window; 1 for per-token quantizers)."""
+        return self.group_size or {"kivi": 32, "nsn": 64}.get(self.method, 1)
+
+    def short(self) -> str:
+        """``kv-int4-sym-tokhead-res0``, ``kv-kivi2-g32-res128-rot`` (``rot``: R3), ``kv-nsn1-w64-res0``."""
+        layout = {"kivi": f"kivi{self.bits}-g{self.key_group}", "nsn": f"nsn{self.bits}-w{self.key_group}"}.get(
+            self.method, f"int{self.bits}-{'asym' if self.symmetric is False else 'sym'}-tokhead")
+        return f"kv-{layout}-res{self.residual}{'-rot' if self.rotate_keys else ''}"
+
+
+# ---------------------------------------------------------------------------------------------- storage
+def scale_dtype(spec: KVCacheSpec) -> torch.dtype:
+    return _SCALE_DTYPES[spec.scale_dtype]
+
+
+def stored_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scale`` rounded to its storage ``dtype`` (never below that dtype's smallest normal), so codes are computed
+    with the scale that will be read back."""
+    return scale.to(dtype).clamp_(min=torch.finfo(dtype).tiny)
+
+
+def packed_width(head_dim: int, bits: int) -> int:
+    """int32 words holding one token-head's ``head_dim`` codes of ``bits`` bits (dense, compressed-tensors' order)."""
+    return math.ceil(head_dim * bits / 32)
+
+
+def pack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Integer codes ``[..., D]`` -> int32 words ``[..., packed_width(D, bits)]`` (unsigned codes are shifted by
+    ``-2^(b-1)`` onto the signed grid :func:`normquant.quant.packing.pack_to_int32` takes)."""
+    shape = codes.shape
+    signed_codes = codes if signed else codes - 2 ** (bits - 1)
+    return pack_to_int32(signed_codes.reshape(-1, shape[-1]), bits).reshape(*shape[:-1], -1)
+
+
+def unpack_codes(words: torch.Tensor, bits: int, head_dim: int, signed: bool) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int32 ``[..., W]`` -> float codes ``[..., head_dim]``."""
+    shape = words.shape
+    codes = unpack_from_int32(words.reshape(-1, shape[-1]), bits, (words[..., 0].numel(), head_dim)).float()
+    codes = codes if signed else codes + 2 ** (bits - 1)
+    return codes.reshape(*shape[:-1], head_dim)
+
+
+class KVQuantizer(ABC):
+    """Quantizes ``n`` tokens ``[B, H, n, D]`` (``n`` a multiple of ``token_block``) into stored tensors whose axis 2
+    counts tokens or token blocks, and dequantizes them back to ``[B, H, n, head_dim]`` in ``dtype``."""
+
+    token_block: int = 1
+
+    @abstractmethod
+    def quantize(self, x: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def dequantize(self, stored: dict[str, torch.Tensor], head_dim: int, dtype: torch.dtype) -> torch.Tensor: ...
+
+    @abstractmethod
+    def bits_per_token_head(self, head_dim: int) -> tuple[float, float, float]:
+        """Stored bits per token per head: ``(codes, scales, zero points or minima)``."""
+
+
+# ---------------------------------------------------------------------------------------------- float-minimum grid
+# KIVI's asymmetric quantizer (also NSNQuant's for its norms and means): a float minimum instead of an integer
+# zero point, m = min x, s = (max x - m) / (2^b - 1), q = clamp(round((x - m) / s), 0, 2^b - 1), x̂ = q·s + m.
+def minmax_qparams(x: torch.Tensor, bits: int, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float-minimum parameters over ``dim`` (kept): ``s = (max - min) / (2^b - 1)`` and ``m = min``, in the storage
+    ``dtype`` (``s`` computed from the stored ``m``)."""
+    m = x.amin(dim=dim, keepdim=True).to(dtype)
+    s = stored_scale((x.amax(dim=dim, keepdim=True) - m.to(x.dtype)) / (2**bits - 1), dtype)
+    return s, m
+
+
+def quantize_minmax(x: torch.Tensor, s: torch.Tensor, m: torch.Tensor, bits: int) -> torch.Tensor:
+    """``q = clamp(round((x - m) / s), 0, 2^b - 1)`` (integer values, float32)."""
+    return torch.clamp(torch.round((x.float() - m.float()) / s.float()), 0, 2**bits - 1)
+
+
+def dequantize_minmax(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``x̂ = q·s + m`` (float32)."""
+    return q * s.float() + m.float()
+
+
+# ---------------------------------------------------------------------------------------------- rtn per token-head
+def token_head_qparams(x: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max qparams of every token-head: ``x`` ``[B, H, n, D]`` -> scale ``[B, H, n, 1]`` (stored ``dtype``) and
+    integer zero point ``[B, H, n, 1]`` (0 when symmetric)."""
+    xmin, xmax = x.amin(dim=-1, keepdim=True).float(), x.amax(dim=-1, keepdim=True).float()
+    scale, zero = qparams_from_range(xmin, xmax, spec)
+    scale = stored_scale(scale, dtype)
+    if not spec.symmetric:  # the zero point that keeps xmin on the grid with the stored scale
+        zero = torch.clamp(torch.round(-xmin.clamp(max=0) / scale.float()), spec.qmin, spec.qmax)
+    return scale, zero
+
+
+def quantize_token_head(x: torch.Tensor, spec: QuantSpec, dtype: torch.dtype
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x`` ``[B, H, n, D]`` -> codes ``[B, H, n, D]`` (float integer values on ``spec``'s grid), scale, zero
+    ``[B, H, n, 1]``: ``q = clamp(round(x/s) + z, qmin, qmax)``."""
+    scale, zero = token_head_qparams(x, spec, dtype)
+    return quantize_view(x.float(), scale.float(), zero, spec), scale, zero
+
+
+def dequantize_token_head(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``x̂ = s (q - z)`` ``[B, H, n, D]`` (float32)."""
+    return dequantize_view(codes, scale.float(), zero.float())
+
+
+class TokenHeadRTN(KVQuantizer):
+    """Per-token-head RTN: packed codes ``[B, H, n, W]`` int32, scale ``[B, H, n, 1]`` in ``scale_dtype``, and for
+    an asymmetric grid an integer zero point ``[B, H, n, 1]`` uint8."""
+
+    def __init__(self, bits: int, symmetric: bool, dtype: torch.dtype):
+        self.spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="token")
+        self.dtype = dtype
+
+    def quantize(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        codes, scale, zero = quantize_token_head(x, self.spec, self.dtype)
+        stored = {"codes": pack_codes(codes.to(torch.int32), self.spec.bits, self.spec.symmetric), "scale": scale}
+        if not self.spec.symmetric:
+            stored["zero"] = zero.to(torch.uint8)
+        return stored
+
+    def dequantize(self, stored: dict[str, torch.Tensor], head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+        codes = unpack_codes(stored["codes"], self.spec.bits, head_dim, self.spec.symmetric)
+        zero = stored["zero"] if "zero" in stored else torch.zeros_like(stored["scale"])
+        return dequantize_token_head(codes, stored["scale"], zero).to(dtype)
+
+    def bits_per_token_head(self, head_dim: int) -> tuple[float, float, float]:
+        scale_bits = torch.finfo(self.dtype).bits
+        return 32 * packed_width(head_dim, self.spec.bits), scale_bits, 0 if self.spec.symmetric else 8
+
+
+# ---------------------------------------------------------------------------------------------- R3
+@functools.lru_cache(maxsize=8)
+def head_hadamard(n: int, device: torch.device) -> torch.Tensor:
+    """The per-head Hadamard ``T [n, n]`` (float32, orthogonal) of :func:`normquant.quant.hadamard.hadamard_matrix`;
+    ``y = x Tᵀ`` rotates rows, ``x = y T`` rotates them back."""
+    return hadamard_matrix(n, torch.float32).to(device)
+
+
+class HadamardRotated(KVQuantizer):
+    """``inner`` applied to ``T x`` (``T`` the per-head Hadamard of :mod:`normquant.quant.hadamard`, orthogonal),
+    dequantized back through ``Tᵀ``; stores exactly what ``inner`` stores."""
+
+    def __init__(self, inner: KVQuantizer):
+        self.inner, self.token_block = inner, inner.token_block
+
+    def quantize(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        t = head_hadamard(x.shape[-1], x.device)
+        return self.inner.quantize(x.float() @ t.t())  # y_t = T x_t
+
+    def dequantize(self, stored: dict[str, torch.Tensor], head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+        t = head_hadamard(head_dim, next(iter(stored.values())).device)
+        return (self.inner.dequantize(stored, head_dim, torch.float32) @ t).to(dtype)  # x̂_t = Tᵀ ŷ_t
+
+    def bits_per_token_head(self, head_dim: int) -> tuple[float, float, float]:
+        return self.inner.bits_per_token_head(head_dim)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+#: method name -> (spec -> (key quantizer, value quantizer))
+KV_METHODS: dict[str, Callable[[KVCacheSpec], tuple[KVQuantizer, KVQuantizer]]] = {}
+
+
+def register_kv_method(name: str):
+    def register(build: Callable[[KVCacheSpec], tuple[KVQuantizer, KVQuantizer]]):
+        KV_METHODS[name] = build
+        return build
+    return register
+
+
+@register_kv_method("rtn")
+def _rtn(spec: KVCacheSpec) -> tuple[KVQuantizer, KVQuantizer]:
+    symmetric = spec.symmetric is not False
+    return TokenHeadRTN(spec.bits, symmetric, scale_dtype(spec)), TokenHeadRTN(spec.bits, symmetric, scale_dtype(spec))
+
+
+def kv_quantizers(spec: KVCacheSpec) -> tuple[KVQuantizer, KVQuantizer]:
+    """The key and value quantizers of ``spec`` (method modules are imported with the steps on first use)."""
+    if spec.method not in KV_METHODS:
+        from normquant.pipeline.step import discover_steps
+
+        discover_steps()
+    keys, values = KV_METHODS[spec.method](spec)
+    return (HadamardRotated(keys) if spec.rotate_keys else keys), values
+
+
+# ---------------------------------------------------------------------------------------------- accounting
+@dataclass(frozen=True)
+class KVBits:
+    """Stored bits per cached K/V element (keys and values together), by kind; ``zeros``: zero points, minima, or
+    NSN's window means."""
+
+    codes: float
+    scales: float
+    zeros: float
+    residual: float  # float tokens (residual window, float prefix)
+
+    @property
+    def total(self) -> float:
+        return self.codes + self.scales + self.zeros + self.residual
+
+
+def quantized_tokens(seqlen: int, residual: int, token_block: int, float_prefix: int = 0) -> int:
+    """Tokens of a ``seqlen`` cache held quantized: all but the ``float_prefix`` first and at least the ``residual``
+    most recent, in whole blocks of ``token_block``."""
+    return max(0, seqlen - float_prefix - residual) // token_block * token_block
+
+
+def kv_bits_per_element(spec: KVCacheSpec, head_dim: int, seqlen: int, float_bits: int = 16,
+                        float_prefix: int = 0) -> KVBits:
+    """Exact stored bits per K/V element of a cache of ``seqlen`` tokens (per layer and head; keys and values
+    averaged), float tokens counted at ``float_bits`` (the model's dtype). :meth:`QuantizedKVCache.nbytes` holds
+    this many bits for every element (tested)."""
+    parts = [0.0, 0.0, 0.0, 0.0]
+    for quantizer in kv_quantizers(spec):
+        n_q = quantized_tokens(seqlen, spec.residual, quantizer.token_block, float_prefix)
+        for i, bits in enumerate(quantizer.bits_per_token_head(head_dim)):
+            parts[i] += n_q * bits
+        parts[3] += (seqlen - n_q) * head_dim * float_bits
+    elements = 2 * seqlen * head_dim
+    return KVBits(*(p / elements for p in parts))
