@@ -270,6 +270,23 @@ def _repquant_step(_steps: list) -> dict:
     return _step(stack["steps"], "repquant")
 
 
+def shared_job(tok, args, work: Path, model_dir) -> dict:
+    """Save the calibration tensor ``[N, seqlen]`` and the WikiText-2 ids ``[1, n_tokens]`` both sides load;
+    return the job fields every side shares (paths, their hashes, the protocol)."""
+    from normquant.data.text import calibration_samples, tokenize_eval
+
+    calib = calibration_samples(tok, "c4", "validation", n=args.samples, seqlen=args.seqlen, seed=args.seed,
+                                data_dir=args.data_dir)  # [N, seqlen]
+    calib_path = work / f"calib_c4_validation_n{args.samples}_L{args.seqlen}_seed{args.seed}.pt"
+    torch.save(calib, calib_path)
+    eval_ids = tokenize_eval(tok, "wikitext2", "test", args.data_dir)  # [1, n_tokens]
+    eval_path = work / "wikitext2_test_ids.pt"
+    torch.save(eval_ids, eval_path)
+    return {"model_dir": str(model_dir), "calib_path": str(calib_path), "eval_path": str(eval_path),
+            "calib_sha256": sha256_tensor(calib), "eval_sha256": sha256_tensor(eval_ids), "seqlen": args.seqlen,
+            "windows": args.windows, "threads": args.threads}
+
+
 #: name -> (title, base recipe file, steps edit (None: keep the file's steps), llm-compressor: "derive" or a reason
 #: why it has no equivalent). Order = the table's order.
 OUTLIER_ROWS: dict[str, tuple[str, str, object, str]] = {
@@ -474,7 +491,6 @@ def _side_summary(rec: dict, float_ppl: float) -> dict:
 def run_table(args) -> None:
     from transformers import AutoTokenizer
 
-    from normquant.data.text import calibration_samples, tokenize_eval
     from normquant.evaluation.records import write_json
     from normquant.models.loading import materialize_packaged
 
@@ -502,16 +518,7 @@ def run_table(args) -> None:
         plans[row] = {"recipe": recipe, "source": source, "lc_modifiers": mods, "lc_differences": diffs,
                       "lc_none_reason": reason}
 
-    calib = calibration_samples(tok, "c4", "validation", n=args.samples, seqlen=args.seqlen, seed=args.seed,
-                                data_dir=args.data_dir)  # [N, seqlen]
-    calib_path = work / f"calib_c4_validation_n{args.samples}_L{args.seqlen}_seed{args.seed}.pt"
-    torch.save(calib, calib_path)
-    eval_ids = tokenize_eval(tok, "wikitext2", "test", args.data_dir)  # [1, n_tokens]
-    eval_path = work / "wikitext2_test_ids.pt"
-    torch.save(eval_ids, eval_path)
-    base_job = {"model_dir": str(model_dir), "calib_path": str(calib_path), "eval_path": str(eval_path),
-                "calib_sha256": sha256_tensor(calib), "eval_sha256": sha256_tensor(eval_ids), "seqlen": args.seqlen,
-                "windows": args.windows, "threads": args.threads}
+    base_job = shared_job(tok, args, work, model_dir)
     protocol_key = {k: base_job[k] for k in ("calib_sha256", "eval_sha256", "seqlen", "windows", "threads")}
     protocol_key["samples"] = args.samples
 
@@ -720,7 +727,6 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from normquant.data.text import calibration_samples, tokenize_eval
     from normquant.models.loading import materialize_packaged
 
     code_sha = {p: sha256_file(REPO / p) for p in CODE_FILES}  # the code this run uses, read before it runs
@@ -732,17 +738,7 @@ def main() -> None:
     recipe, recipe_source = build_recipe(args.scheme, args.samples, args.seqlen, args.seed, args.act_order)
     lc = llmcompressor_args(args.scheme, recipe, args.lc_batch_size)
 
-    calib = calibration_samples(tok, "c4", "validation", n=args.samples, seqlen=args.seqlen, seed=args.seed,
-                                data_dir=args.data_dir)  # [N, seqlen]
-    calib_path = work / f"calib_c4_validation_n{args.samples}_L{args.seqlen}_seed{args.seed}.pt"
-    torch.save(calib, calib_path)
-    eval_ids = tokenize_eval(tok, "wikitext2", "test", args.data_dir)  # [1, n_tokens]
-    eval_path = work / "wikitext2_test_ids.pt"
-    torch.save(eval_ids, eval_path)
-
-    job = {"model_dir": str(model_dir), "calib_path": str(calib_path), "eval_path": str(eval_path),
-           "calib_sha256": sha256_tensor(calib), "eval_sha256": sha256_tensor(eval_ids), "seqlen": args.seqlen,
-           "windows": args.windows, "threads": args.threads, "normquant_recipe": recipe.to_dict(), "llmcompressor": lc}
+    job = {**shared_job(tok, args, work, model_dir), "normquant_recipe": recipe.to_dict(), "llmcompressor": lc}
     job_path = work / f"job_{args.scheme}.json"
     job_path.write_text(json.dumps(job, indent=2) + "\n")
 
