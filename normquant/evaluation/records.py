@@ -17,7 +17,9 @@ def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
                              timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        # records under eval/ are outputs, not code: a run that rewrites one leaves the next run's commit clean
+        code = ["--", ":/", ":(top,exclude)eval"]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", *code], cwd=here,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
