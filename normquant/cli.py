@@ -184,13 +184,13 @@ def _load(recipe):
     return load_model(recipe.model, dtype=recipe.dtype, device=check_device(recipe.device))
 
 
-def _eval(model, tok, ev, data_dir, progress, kv_cache=None):
+def _eval(model, tok, ev, data_dir, progress):
     from normquant.data.text import tokenize_eval
     from normquant.evaluation.perplexity import evaluate_perplexity
 
     ids = tokenize_eval(tok, ev.dataset, ev.split, data_dir)
     return evaluate_perplexity(model, ids, seqlen=ev.seqlen, windows=ev.windows, batch_size=ev.batch_size,
-                               progress=progress, kv_cache=kv_cache)
+                               progress=progress)
 
 
 def _calibration(recipe, model, tok, data_dir):
@@ -220,8 +220,7 @@ def cmd_run(args) -> int:
     if export_dir and Path(export_dir).exists() and not force:
         raise UserError(f"export directory {export_dir} exists; pass --force to overwrite")
     if export_dir:
-        _check_exportable(recipe)
-    model, tok = _load(recipe)
+        model, tok = _load(recipe)
     ev = recipe.evaluation
     record = {"recipe": recipe.to_dict(), "recipe_file": str(args.recipe), "recipe_hash": recipe.hash(),
               "environment": environment()}
@@ -240,7 +239,7 @@ def cmd_run(args) -> int:
         c = recipe.calibration
         record["calibration"] = {"dataset": c.dataset, "split": c.split, "samples": c.samples, "seqlen": c.seqlen,
                                  "seed": c.seed}
-    res = _eval(model, tok, ev, args.data_dir, progress, kv_cache=recipe.scheme.kv_cache)
+    res = _eval(model, tok, ev, args.data_dir, progress)  # with the KV cache quantize() attached
     record["quantized"] = perplexity_record(recipe.model, ev.dataset, ev.split, res)
     print(f"quantized  ppl {res.ppl:.3f}  ({res.windows}/{res.windows_total} windows, {res.tokens_per_s:.0f} tok/s)")
     if export_dir:
@@ -340,12 +339,6 @@ def _eval_tasks(args, model, tok, tasks, manager, section: dict) -> int:
     return 0
 
 
-def _check_exportable(recipe) -> None:
-    if recipe.scheme.kv_cache is not None:
-        raise UserError("scheme.kv_cache cannot be exported yet (no kv_cache_scheme is written, so the export "
-                        "would run with a float KV cache): export without the kv_cache section")
-
-
 def cmd_export(args) -> int:
     from normquant.export import export_model
     from normquant.pipeline.run import quantize
@@ -354,7 +347,6 @@ def cmd_export(args) -> int:
     recipe = load_recipe(args.recipe, _overrides(args))
     if Path(args.output).exists() and not args.force:
         raise UserError(f"export directory {args.output} exists; pass --force to overwrite")
-    _check_exportable(recipe)
     model, tok = _load(recipe)
     quantize(model, recipe, _calibration(recipe, model, tok, args.data_dir), device=model_device_str(model),
              checkpoint=_resume_checkpoint(args, recipe),

@@ -94,14 +94,17 @@ def test_help_has_examples(capsys):
     assert "examples:" in capsys.readouterr().out
 
 
-def test_run_evaluates_through_the_recipes_kv_cache_and_refuses_to_export_it(tiny_dir, data_dir, tmp_path):
+def test_run_evaluates_through_the_recipes_kv_cache_and_its_export_carries_it(tiny_dir, data_dir, tmp_path, capsys):
     recipe = tmp_path / "kv.yaml"
     recipe.write_text("name: kv-int4\nscheme: {kv_cache: {method: rtn, bits: 4}}\n")
     out = tmp_path / "res"
     assert main(["run", str(recipe), "--model", str(tiny_dir), "--windows", "1", "--seqlen", "64", "--data-dir",
-                 str(data_dir), "--output", str(out), "--quiet"]) == 0
+                 str(data_dir), "--output", str(out), "--quiet", "--export", str(tmp_path / "e")]) == 0
     rec = json.loads((out / "results.json").read_text())
     assert rec["quantized"]["kv_cache"] == "kv-int4-sym-tokhead-res0" and rec["float"].get("kv_cache") is None
     assert rec["quantized"]["ppl"] != rec["float"]["ppl"]  # the 4-bit cache is really in the forward pass
-    assert main(["export", str(recipe), "--model", str(tiny_dir), "--output", str(tmp_path / "e"), "--quiet"]) == 2
-    assert not (tmp_path / "e").exists()
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "e"), "--windows", "1", "--seqlen", "64", "--data-dir",
+                 str(data_dir), "--json", "--quiet"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)  # the export (float weights, int4 KV cache) re-applies its cache
+    assert evaluated["kv_cache"] == "kv-int4-sym-tokhead-res0" and evaluated["ppl"] == rec["quantized"]["ppl"]

@@ -3,6 +3,7 @@ Cache that holds codes + scales, its exactness against float and against attenti
 generate, the perplexity hook, and the exact bits-per-element account against the bytes the cache holds."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -13,8 +14,8 @@ from normquant.methods.kivi import dequantize_keys, quantize_keys, quantize_valu
 from normquant.methods.nsnquant import (adjusted_scale, gaussian_codebook, inverse_nsn, nearest_codeword,
                                         normalize_shift_normalize, vector_quantize)
 from normquant.quant.hadamard import hadamard_matrix
-from normquant.quant.kv import (KVCacheSpec, kv_bits_per_element, kv_quantizers, pack_codes, quantize_token_head,
-                                unpack_codes)
+from normquant.quant.kv import (KVCacheSpec, kv_bits_per_element, kv_cache_of, kv_quantizers, pack_codes,
+                                quantize_token_head, unpack_codes)
 from normquant.quant.kv_cache import QuantizedKVCache, QuantizedKVLayer
 from normquant.quant.prefix import set_prefix
 from normquant.quant.primitives import QuantError
@@ -80,20 +81,22 @@ def test_packed_codes_round_trip(bits, signed, d):
 
 
 def test_token_head_rtn_matches_the_formula():
+    """compressed-tensors' dynamic arithmetic per token-head (the formulas in normquant.quant.kv), by hand."""
     k, _ = _kv()
     spec = KVCacheSpec(bits=4)
     q, s, z = quantize_token_head(k, kv_quantizers(spec)[0].spec, torch.float16)
     assert s.shape == (2, 3, 24, 1) and s.dtype == torch.float16 and (z == 0).all()
-    s_hand = (k.abs().amax(-1, keepdim=True) / 7).half().float()  # symmetric: absmax / (2^(b-1) - 1), stored fp16
+    s_hand = (k.abs().amax(-1, keepdim=True) / 7.5).half().float()  # absmax / ((2^b - 1) / 2), stored fp16
     assert torch.equal(s.float(), s_hand)
-    assert torch.equal(q, torch.clamp(torch.round(k / s_hand), -8, 7))
-    assert ((q * s_hand - k).abs() <= s_hand / 2 * (1 + 1e-3)).all()  # fp16 scale rounding: a hair over s/2
+    assert torch.equal(q, torch.round(torch.clamp(k / s_hand, -8, 7)))
+    # |error| <= s/2, plus the clamp of a value just past the grid's end when fp16 rounded the scale down (2^-11)
+    assert ((q * s_hand - k).abs() <= s_hand / 2 + k.abs().amax(-1, keepdim=True) * 2**-11).all()
 
-    spec = KVCacheSpec(bits=4, symmetric=False)
+    spec = KVCacheSpec(bits=4, symmetric=False, scale_dtype="float32")
     q, s, z = quantize_token_head(k, kv_quantizers(spec)[0].spec, torch.float32)
     lo, hi = k.amin(-1, keepdim=True), k.amax(-1, keepdim=True)
-    assert torch.allclose(s, (hi - lo) / 15) and torch.equal(z, torch.round(-lo / s))
-    assert q.min() >= 0 and q.max() <= 15 and ((s * (q - z) - k).abs() <= s / 2 + 1e-6).all()
+    assert torch.allclose(s, (hi - lo) / 15) and torch.equal(z, torch.round(torch.clamp(-8 - lo / s, -8, 7)))
+    assert q.min() >= -8 and q.max() <= 7 and ((s * (q - z) - k).abs() <= s / 2 + 1e-6).all()
 
 
 def test_kivi_keys_per_channel_values_per_token():
@@ -143,7 +146,7 @@ def test_cache_holds_codes_not_floats(spec):
         n_q = (23 - 2 - spec.residual) // block * block
         assert stream.quantized_tokens == n_q and stream.window.shape[2] == 23 - 2 - n_q
         assert stream.stored["codes"].dtype == torch.int32  # packed codes; the other stored tensors are qparams
-        assert all(t.dtype in (torch.float16, torch.float32, torch.uint8) and t.shape[-1] in (1, 64)
+        assert all(t.dtype in (torch.float16, torch.float32, torch.int8, torch.uint8) and t.shape[-1] in (1, 64)
                    for n, t in stream.stored.items() if n != "codes")
         assert torch.equal(out[:, :, :2], x[:, :, :2]) and torch.equal(out[:, :, 2 + n_q:], x[:, :, 2 + n_q:])
         assert not torch.equal(out[:, :, 2:2 + n_q], x[:, :, 2:2 + n_q])  # quantized
@@ -175,9 +178,9 @@ def _rotate_half(x):
 
 
 def _fake_quant_token_head(x, bits):
-    """Symmetric per-token-head fake-quant written out: s = absmax/(2^(b-1)-1) stored fp16, x̂ = s·round(x/s)."""
-    s = (x.abs().amax(-1, keepdim=True).float() / (2 ** (bits - 1) - 1)).half().float()
-    return (torch.clamp(torch.round(x.float() / s), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * s).to(x.dtype)
+    """Symmetric per-token-head fake-quant written out: s = absmax/((2^b-1)/2) stored fp16, x̂ = s·round(x/s)."""
+    s = (x.abs().amax(-1, keepdim=True) / ((2**bits - 1) / 2)).half().to(x.dtype)
+    return torch.round(torch.clamp(x / s, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)) * s
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -417,3 +420,80 @@ def test_beam_search_reorders_the_stored_tensors():
     out = model.generate(p, cache=cache, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
     ref = model.generate(p, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
     assert torch.equal(out, ref) and cache.layers[0].key.stored["codes"].shape[0] == 3  # measured: equal
+
+
+# ---------------------------------------------------------------------------------------------- model, export
+def _kv_quantized(kv: dict, weights: bool = True):
+    from normquant.pipeline.run import quantize
+    from normquant.recipe import parse_recipe
+
+    model = tiny_model("llama")
+    scheme = {"ignore": ["lm_head"], "kv_cache": kv, **({"weights": {"bits": 8}} if weights else {})}
+    return quantize(model, parse_recipe({"scheme": scheme, "steps": ["rtn"]}), progress=False)
+
+
+def test_quantize_attaches_the_kv_cache_and_the_evaluator_uses_it():
+    model = _kv_quantized({"bits": 4})
+    assert kv_cache_of(model) == KVCacheSpec(bits=4)
+    ids = tiny_inputs(model, batch=1, seq=64)
+    res = evaluate_perplexity(model, ids, seqlen=32, progress=False)
+    explicit = evaluate_perplexity(model, ids, seqlen=32, progress=False, kv_cache=KVCacheSpec(bits=4))
+    assert res.kv_cache == "kv-int4-sym-tokhead-res0" and res.ppl == explicit.ppl
+
+
+EXPORT_KV = [({"bits": 8, "scale_dtype": "float32"}, True), ({"bits": 4, "symmetric": False}, True),
+             ({"bits": 4, "residual": 3}, False), ({"method": "kivi", "bits": 2, "group_size": 4}, False),
+             ({"bits": 4, "rotate_keys": True}, False)]  # nsn needs head_dim % 32 == 0 (tiny: 8): below
+
+
+@pytest.mark.parametrize("kv, expressible", EXPORT_KV, ids=lambda x: str(x))
+@pytest.mark.parametrize("weights", [True, False], ids=["w8", "kv-only"])
+def test_export_carries_the_kv_cache(tmp_path, kv, expressible, weights):
+    """``normquant.kv_cache`` always; ``kv_cache_scheme`` exactly where compressed-tensors expresses the cache; the
+    loaded export evaluates through the same cache (perplexity identical), and says when servers run it float."""
+    from normquant.export import export_model, load_quantized
+
+    model = _kv_quantized(kv, weights)
+    ids = tiny_inputs(model, batch=1, seq=64)
+    path = export_model(model, None, tmp_path / "e")
+    config = json.loads((path / "config.json").read_text())
+    assert config["normquant"]["kv_cache"] == KVCacheSpec(**kv).model_dump()
+    scheme = config["quantization_config"]["kv_cache_scheme"]
+    assert (scheme is not None) == expressible
+    if expressible:
+        assert scheme["strategy"] == "group" and scheme["group_size"] == model.config.head_dim and scheme["dynamic"]
+    else:
+        assert config["normquant"]["serving"]["parity"] == "none"
+        assert "float KV cache" in " ".join(config["normquant"]["serving"]["notes"])
+    loaded, _ = load_quantized(path)
+    loaded.set_attn_implementation(model.config._attn_implementation)
+    assert kv_cache_of(loaded) == KVCacheSpec(**kv)
+    ours = evaluate_perplexity(model, ids, seqlen=32, progress=False)
+    theirs = evaluate_perplexity(loaded, ids, seqlen=32, progress=False)
+    assert theirs.kv_cache == ours.kv_cache and theirs.ppl == ours.ppl  # measured: identical
+
+
+def test_nsn_has_no_kv_cache_scheme():
+    from normquant.export.schema import kv_cache_args
+
+    assert kv_cache_args(KVCacheSpec(method="nsn", bits=1), 64) == (None, "NSNQuant's vector quantization")
+
+
+def test_an_edited_kv_cache_section_is_refused_in_one_line(tmp_path):
+    from normquant.export import ExportError, export_model, load_quantized
+
+    path = export_model(_kv_quantized({"bits": 8}), None, tmp_path / "e")
+    config = json.loads((path / "config.json").read_text())
+    config["normquant"]["kv_cache"]["bits"] = 9
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError) as e:
+        load_quantized(path)
+    assert "\n" not in str(e.value) and "kv_cache" in str(e.value), e.value
+
+
+def test_lm_eval_refuses_a_model_with_a_quantized_kv_cache():
+    pytest.importorskip("lm_eval")
+    from normquant.evaluation.lm_eval_bridge import TaskEvalError, evaluate_tasks
+
+    with pytest.raises(TaskEvalError, match="quantized KV cache"):
+        evaluate_tasks(_kv_quantized({"bits": 8}), None, ["x"])

@@ -188,3 +188,59 @@ def test_bfloat16_export_says_parity_is_approximate(tmp_path):
              progress=False)
     serving = json.loads((export_model(model, None, tmp_path / "b") / "config.json").read_text())["normquant"]["serving"]
     assert serving["parity"] == "approximate" and "bfloat16" in serving["notes"][0]
+
+
+# ------------------------------------------------------------------------------------ 4. the KV cache
+
+
+@pytest.mark.parametrize("dtype, scale_dtype", [(torch.float32, "float32"), (torch.float16, "float16")])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_kv_cache_token_head_bit_identical_to_compressed_tensors_kv_scheme(dtype, scale_dtype, symmetric, bits):
+    """The exported ``kv_cache_scheme`` (dynamic ``group`` strategy, ``group_size = head_dim``) run through
+    compressed-tensors' own functions on ``[B, H, T, D]`` keys equals normquant's stored-and-read-back cache."""
+    from normquant.export.schema import kv_cache_args
+    from normquant.quant.kv import KVCacheSpec, kv_quantizers
+
+    spec = KVCacheSpec(bits=bits, symmetric=symmetric, scale_dtype=scale_dtype)
+    args = QuantizationArgs(**kv_cache_args(spec, 64)[0])
+    g = torch.Generator().manual_seed(bits)
+    x = (torch.randn(2, 3, 17, 64, generator=g) * torch.rand(2, 3, 17, 1, generator=g) * 4).to(dtype)
+    x[0, 0, 0] = 0  # an all-zero token-head
+    x[0, 1, 1] = x[0, 1, 1].abs() + 0.5  # all positive: the asymmetric range is stretched to hold 0
+    scale, zero = ct_utils.compute_dynamic_scales_and_zp(x, args, module=None)
+    theirs = ct_forward.fake_quantize(x, scale, zero, args)
+    quantizer = kv_quantizers(spec)[0]
+    ours = quantizer.dequantize(quantizer.quantize(x), 64, dtype)
+    assert ours.dtype == theirs.dtype
+    assert torch.equal(ours, theirs)  # measured: identical
+
+
+@pytest.mark.parametrize("kv", [{"bits": 8, "scale_dtype": "float32"}, {"bits": 4, "symmetric": False}])
+def test_kv_cache_export_serving_note_tells_what_transformers_computes(tmp_path, kv):
+    """The serving section's KV verdict is what transformers + compressed-tensors do with the export: where the
+    installed compressed-tensors hooks no attention module (0.20.1 with transformers 5.24), parity is none and
+    transformers' logits are the float-KV-cache logits; where it does, they are normquant's quantized-cache logits."""
+    from normquant.export.serving import compressed_tensors_applies_kv_cache
+    from normquant.quant.kv import KVCacheSpec
+    from normquant.quant.kv_cache import QuantizedKVCache
+
+    model = tiny_model("llama")
+    ids = tiny_inputs(model)
+    recipe = parse_recipe({"scheme": {"ignore": ["lm_head"], **KINDS["w8a16"], "kv_cache": kv}, "steps": ["rtn"]})
+    quantize(model, recipe, progress=False)
+    path = export_model(model, None, tmp_path / "kv")
+    config = json.loads((path / "config.json").read_text())
+    serving = config["normquant"]["serving"]
+    assert config["quantization_config"]["kv_cache_scheme"]["strategy"] == "group"
+    with torch.no_grad():
+        float_kv = model(ids).logits
+        quant_kv = model(ids, cache=QuantizedKVCache(model.config, KVCacheSpec(**kv)), use_cache=True).logits
+        theirs = _transformers_load(path, dequantize=False)(ids).logits
+    assert (quant_kv - float_kv).abs().max() > 1e-5  # the cache matters on this model
+    if compressed_tensors_applies_kv_cache(model) is False:
+        assert serving["parity"] == "none" and "runs in float" in " ".join(serving["notes"]), serving
+        assert torch.equal(theirs, float_kv)  # measured: identical (compressed-tensors 0.20.1, transformers 5.24)
+    else:
+        assert serving["parity"] in ("exact", "approximate"), serving
+        assert (theirs - quant_kv).abs().max() <= (0 if serving["parity"] == "exact" else 1e-2)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from normquant.quant.kv import kv_cache_of
 from normquant.quant.prefix import prefix_of
 
 INSTALL = "pip install 'normquant[lmeval]'"
@@ -105,6 +106,9 @@ def evaluate_tasks(model, tokenizer, tasks: Sequence[str], *, limit: int | None 
     if prefix_of(model) is not None:
         raise TaskEvalError("this model was quantized with PrefixQuant's prefix step, which lm-eval cannot apply "
                             "(its positions must stay float): evaluate it with perplexity (normquant eval without --tasks)")
+    if kv_cache_of(model) is not None:
+        raise TaskEvalError(f"this model runs with a quantized KV cache ({kv_cache_of(model).short()}), which lm-eval's "
+                            "forward passes would skip: evaluate it with perplexity (normquant eval without --tasks)")
     lm_eval, HFLM, _ = _lm_eval()
     if manager is None:
         manager = task_manager(tasks)

@@ -7,7 +7,9 @@ only and is labelled so in the record. A model quantized with PrefixQuant's ``pr
 (:mod:`normquant.methods.prefixquant`) reads ``[prefix | window]`` with the prefix positions float and predicts
 the same ``seqlen - 1`` tokens; the record says how many prefix tokens it had (``prefix_tokens``).
 
-``kv_cache=spec`` (:class:`normquant.quant.kv.KVCacheSpec`) runs every window through a fresh
+``kv_cache=spec`` (:class:`normquant.quant.kv.KVCacheSpec`; by default the model's own, which a recipe with
+``scheme.kv_cache`` or an export carrying one attaches, :func:`normquant.quant.kv.kv_cache_of`) runs every window
+through a fresh
 :class:`normquant.quant.kv_cache.QuantizedKVCache` (``use_cache=True``): attention reads the keys and values
 the quantized cache holds, at every position; a PrefixQuant prefix stays float in it, as its float KV cache.
 """
@@ -20,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from normquant.progress import progress_bar
-from normquant.quant.kv import KVCacheSpec
+from normquant.quant.kv import KVCacheSpec, kv_cache_of
 from normquant.quant.kv_cache import QuantizedKVCache
 from normquant.quant.prefix import float_prefix, prefix_of, prepend_prefix
 
@@ -76,9 +78,10 @@ def evaluate_perplexity(model, input_ids: torch.Tensor, *, seqlen: int = 2048, w
                         batch_size: int = 1, progress: bool = True, kv_cache: KVCacheSpec | None = None
                         ) -> PerplexityResult:
     """Perplexity of ``model`` on ``input_ids`` ``[1, n]`` under the protocol above (through a quantized KV cache
-    when ``kv_cache`` is given)."""
+    when ``kv_cache`` is given or the model carries one)."""
     prefix = prefix_of(model)
     p = 0 if prefix is None else prefix.numel()
+    kv_cache = kv_cache if kv_cache is not None else kv_cache_of(model)
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(max_pos, int) and seqlen + p > max_pos:
         raise DataError(f"evaluation seqlen {seqlen}{f' + {p} prefix tokens' if p else ''} exceeds the model's "

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from normquant.export.layers import compress_linear, decompress_linear
-from normquant.export.schema import ConfigGroup, ExportError, quant_specs, quantization_config
+from normquant.export.schema import ConfigGroup, ExportError, kv_cache_args, quant_specs, quantization_config
 from normquant.export.serving import serving_notes, vanilla_keys
 from normquant.export.transforms import (install_transforms, read_transform_config, transform_config,
                                          transform_tensor_names)
@@ -40,6 +40,7 @@ from normquant.export.verify import (check_config, check_layer_tensors, read_man
 from normquant.io import atomic_directory, check_destination
 from normquant.messages import one_line, show
 from normquant.quant.linear import QuantLinear, is_linear
+from normquant.quant.kv import KVCacheSpec, head_dim_of, kv_cache_of, set_kv_cache
 from normquant.quant.prefix import prefix_of, set_prefix
 from normquant.quant.targets import matches_any
 
@@ -85,13 +86,15 @@ def compressed_checkpoint(model: nn.Module) -> tuple[dict[str, torch.Tensor], di
     transforms add their matrices (:mod:`normquant.export.transforms`). ``quant_specs`` holds each config group's
     exact QuantSpecs.
     """
-    groups = _quant_groups(model)
-    if not groups:
-        raise ExportError("model has no quantized QuantLinear modules; quantize it before exporting")
+    groups, kv = _quant_groups(model), kv_cache_of(model)
+    if not groups and kv is None:
+        raise ExportError("model has no quantized QuantLinear modules and no quantized KV cache; quantize it before "
+                          "exporting")
     quantized = [name for g in groups for name in g.modules]
     ignore = [name for name, m in model.named_modules() if is_linear(m) and name not in quantized]
     transforms, tensors = transform_config(model)  # first: refuses what compressed-tensors cannot express
-    qconfig = quantization_config(groups, ignore, transforms)
+    kv_scheme = None if kv is None else kv_cache_args(kv, head_dim_of(model.config))[0]
+    qconfig = quantization_config(groups, ignore, transforms, kv_scheme)
     for name in quantized:
         for key, t in compress_linear(model.get_submodule(name), name).items():
             tensors[f"{name}.{key}"] = t
@@ -162,6 +165,9 @@ def _write_export(model: nn.Module, tokenizer: Any, directory: Path, extra_metad
     prefix = prefix_of(model)
     if prefix is not None:  # PrefixQuant: part of the quantized model (normquant.quant.prefix)
         config["normquant"]["prefix_ids"] = prefix.tolist()
+    kv = kv_cache_of(model)
+    if kv is not None:  # the recipe's scheme.kv_cache, for every cache compressed-tensors can express or not
+        config["normquant"]["kv_cache"] = kv.model_dump()
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if getattr(model, "generation_config", None) is not None and model.can_generate():
@@ -253,6 +259,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     install_transforms(model, transforms, matrices, str(weights))
     if raw["normquant"].get("prefix_ids") is not None:  # PrefixQuant (the manifest covers this section)
         set_prefix(model, raw["normquant"]["prefix_ids"])
+    set_kv_cache(model, _read_kv_cache(raw, qconfig, head_dim_of(model.config), str(path / "config.json")))
     tokenizer = None
     if (path / "tokenizer_config.json").exists():
         try:
@@ -261,6 +268,25 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             raise ExportError(f"cannot load the tokenizer saved in {path}: {type(e).__name__}: {one_line(e, 160)}; "
                               "re-export") from None
     return model.to(device).eval(), tokenizer
+
+
+def _read_kv_cache(raw: dict, qconfig: dict, head_dim: int, where: str) -> KVCacheSpec | None:
+    """The export's KV-cache spec (``normquant.kv_cache``), checked against ``kv_cache_scheme``."""
+    from pydantic import ValidationError
+
+    data = raw["normquant"].get("kv_cache")
+    try:
+        spec = None if data is None else KVCacheSpec.model_validate(data)
+    except (ValidationError, TypeError) as e:
+        msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+        raise ExportError(f"{where}: normquant.kv_cache is not a valid KV-cache spec ({one_line(msg, 120)}); "
+                          "re-export") from None
+    expected = None if spec is None else kv_cache_args(spec, head_dim)[0]
+    if qconfig.get("kv_cache_scheme") != expected:
+        raise ExportError(f"{where}: quantization_config.kv_cache_scheme {show(qconfig.get('kv_cache_scheme'))} "
+                          f"does not describe normquant.kv_cache {show(data)}; the config was edited: restore it or "
+                          "re-export")
+    return spec
 
 
 def _install_quant_linears(model: nn.Module, tensors: dict[str, torch.Tensor], qconfig: dict,

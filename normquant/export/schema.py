@@ -2,7 +2,8 @@
 
 ``config.json["quantization_config"]`` follows compressed-tensors 0.20 (``QuantizationConfig``): one config
 group per distinct ``(weight spec, input spec)``, each targeting its modules by exact name, plus ``ignore``
-(every other linear). Specs map to ``QuantizationArgs`` by :func:`quantization_args`.
+(every other linear). Specs map to ``QuantizationArgs`` by :func:`quantization_args`; a per-token-head KV cache is
+its ``kv_cache_scheme`` (:func:`kv_cache_args`).
 
 Format per config group (compressed-tensors' own inference, ``compressors/format.py``, except that <= 4-bit
 weights are always packed): ``int-quantized`` for > 4-bit weights with quantized inputs (W8A8),
@@ -21,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from normquant.quant.kv import KVCacheSpec
 from normquant.quant.spec import QuantSpec
 
 #: compressed-tensors release whose layout (dense LSB-first int32 packing) these files follow.
@@ -66,6 +68,25 @@ def quantization_args(spec: QuantSpec, role: str) -> dict[str, Any]:
     return args
 
 
+def kv_cache_args(spec: KVCacheSpec, head_dim: int) -> tuple[dict[str, Any] | None, str]:
+    """``(kv_cache_scheme, why not)``: compressed-tensors ``QuantizationArgs`` dict of a KV-cache spec —
+    per-token-head RTN is its dynamic ``group`` strategy with ``group_size = head_dim`` (one group per token per head
+    of the ``[B, H, T, D]`` keys / values it quantizes; the arithmetic of :mod:`normquant.quant.kv`) — or ``None``
+    and the reason where the schema cannot express the cache."""
+    why = ("KIVI's per-channel key groups" if spec.method == "kivi" else
+           "NSNQuant's vector quantization" if spec.method == "nsn" else
+           f"a float window of the {spec.residual} most recent tokens" if spec.residual else
+           "Hadamard-rotated keys (R3)" if spec.rotate_keys else "")
+    if why:
+        return None, why
+    symmetric = spec.symmetric is not False
+    args = {"num_bits": spec.bits, "type": "int", "symmetric": symmetric, "group_size": head_dim, "strategy": "group",
+            "dynamic": True, "observer": None}
+    if not symmetric:
+        args["zp_dtype"] = "torch.int8"
+    return args, ""
+
+
 def weight_format(weight_spec: QuantSpec | None, input_spec: QuantSpec | None) -> str:
     """compressed-tensors format of a linear with these specs (see the module docstring)."""
     if weight_spec is None:
@@ -102,11 +123,11 @@ class ConfigGroup:
         return weight_format(self.weight_spec, self.input_spec)
 
 
-def quantization_config(groups: list[ConfigGroup], ignore: list[str],
-                        transform_config: dict[str, Any] | None = None) -> dict[str, Any]:
+def quantization_config(groups: list[ConfigGroup], ignore: list[str], transform_config: dict[str, Any] | None = None,
+                        kv_cache_scheme: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``quantization_config`` of these groups (``group_0``, ``group_1``, ... in order) and online transforms
-    (:func:`normquant.export.transforms.transform_config`); refuses (:class:`ExportError`) specs compressed-tensors
-    cannot express."""
+    (:func:`normquant.export.transforms.transform_config`) and KV cache (:func:`kv_cache_args`); refuses
+    (:class:`ExportError`) specs compressed-tensors cannot express."""
     config_groups = {
         f"group_{i}": {
             "targets": g.modules,
@@ -120,10 +141,10 @@ def quantization_config(groups: list[ConfigGroup], ignore: list[str],
     formats = {g.format for g in groups}
     return {
         "quant_method": "compressed-tensors",
-        "format": formats.pop() if len(formats) == 1 else MIXED_PRECISION,
+        "format": formats.pop() if len(formats) == 1 else MIXED_PRECISION if formats else DENSE,
         "config_groups": config_groups,
         "ignore": ignore,
-        "kv_cache_scheme": None,
+        "kv_cache_scheme": kv_cache_scheme,
         "quantization_status": "compressed",
         "global_compression_ratio": None,
         "sparsity_config": {},

@@ -19,8 +19,16 @@ cannot be run that way, and :func:`serving_notes` says which and why, in ``confi
   does not apply: load as above, then :func:`~normquant.export.transforms.apply_transforms` (compressed-tensors'
   ``apply_transform_config`` and the stored matrices); exact in float32 (``tests/test_export_transforms.py``);
 * ``parity: none``: no transformers route computes it (tensors the architecture has no parameter for, a dynamic
-  ``clip_ratio`` compressed-tensors has no field for, asymmetric packed weights with quantized inputs). ``notes``
-  name the modules.
+  ``clip_ratio`` compressed-tensors has no field for, asymmetric packed weights with quantized inputs, a KV
+  cache it does not quantize). ``notes`` name the modules.
+
+A quantized KV cache (``scheme.kv_cache``, ``config.json`` ``normquant.kv_cache``) is exported as
+``kv_cache_scheme`` where compressed-tensors can express it (per-token-head RTN, :func:`kv_cache_args`; its
+arithmetic is normquant's, ``tests/test_parity.py``), and only counts as served when the installed
+compressed-tensors finds the model's attention modules (:func:`compressed_tensors_applies_kv_cache`): 0.20.1 looks
+for a ``past_key_values`` argument, which transformers 5.24's attention renamed ``cache``, so there the KV cache
+runs in float (compressed-tensors 0.19 with transformers 5.17 applies it). KIVI, NSN, a float residual window and
+R3 have no ``kv_cache_scheme``. ``normquant eval`` on the export always applies ``normquant.kv_cache``.
 
 >>> serving_notes(model, qconfig, tensors)                                        # doctest: +SKIP
 {'parity': 'exact', 'load': 'AutoModelForCausalLM.from_pretrained(path)', 'notes': []}
@@ -32,9 +40,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from normquant.export.schema import PACK_QUANTIZED
+from normquant.export.schema import PACK_QUANTIZED, kv_cache_args
 from normquant.export.transforms import read_transform_config, transform_tensor_names
 from normquant.quant.linear import QuantLinear
+from normquant.quant.kv import KVCacheSpec, head_dim_of, kv_cache_of, scale_dtype
 from normquant.quant.prefix import prefix_of
 
 LOAD_DEFAULT = "AutoModelForCausalLM.from_pretrained(path)"
@@ -60,6 +69,41 @@ def vanilla_keys(model: nn.Module) -> set[str] | None:
     every = dict(vanilla.state_dict(keep_vars=True))
     unique = {n for n, _ in vanilla.named_parameters()} | {n for n, _ in vanilla.named_buffers()}
     return {k for k in every if k in unique}
+
+
+def compressed_tensors_applies_kv_cache(model: nn.Module) -> bool | None:
+    """Whether the installed compressed-tensors would hook a ``kv_cache_scheme`` into ``model``'s attention modules
+    (its own test, ``is_cached_attention_module``); None when compressed-tensors is not installed."""
+    try:
+        from compressed_tensors.quantization.lifecycle.initialize import is_cached_attention_module
+    except ImportError:
+        return None
+    return any(is_cached_attention_module(m) for m in model.modules())
+
+
+def _kv_cache_notes(model: nn.Module, kv: KVCacheSpec, dtype: torch.dtype) -> tuple[str, list[str]]:
+    """``(exact | approximate | none, notes)`` for the export's KV cache ``kv``."""
+    scheme, why = kv_cache_args(kv, head_dim_of(model.config))
+    eval_note = "normquant eval applies it (config.json normquant.kv_cache)"
+    if scheme is None:
+        return "none", [f"KV cache {kv.short()}: compressed-tensors has no kv_cache_scheme for {why}, so transformers "
+                        f"and vLLM run this export with a float KV cache; {eval_note}"]
+    applies = compressed_tensors_applies_kv_cache(model)
+    if applies is False:
+        import compressed_tensors
+        import transformers
+
+        return "none", [f"KV cache {kv.short()} is quantization_config.kv_cache_scheme, but compressed-tensors "
+                        f"{compressed_tensors.__version__} finds no attention module of {type(model).__name__} to "
+                        f"apply it to under transformers {transformers.__version__} (it hooks attention modules whose "
+                        f"forward takes past_key_values): the KV cache runs in float there; {eval_note}"]
+    notes = [] if applies else [f"KV cache {kv.short()}: compressed-tensors is not installed, so whether it applies "
+                                "kv_cache_scheme to this model was not checked"]
+    if scale_dtype(kv) != dtype:
+        name = str(scale_dtype(kv)).replace("torch.", "")
+        return "approximate", notes + [f"KV cache scales are {name} in normquant and {dtype} in compressed-tensors "
+                                       f"(scheme.kv_cache.scale_dtype: {str(dtype).replace('torch.', '')} matches)"]
+    return "exact", notes
 
 
 def serving_notes(model: nn.Module, qconfig: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -111,6 +155,15 @@ def serving_notes(model: nn.Module, qconfig: dict[str, Any], tensors: dict[str, 
             notes.append(f"{len(extra)} tensors {type(model).__name__} has no parameter for ({_names(extra)}): "
                          "transformers drops them (RepQuant's created biases)")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    kv = kv_cache_of(model)
+    if kv is not None:
+        kv_parity, kv_notes = _kv_cache_notes(model, kv, dtype)
+        notes += kv_notes
+        if kv_parity == "none":
+            parity = "none"
+        elif kv_parity == "approximate" and parity != "none":
+            parity = {"exact": "approximate", "exact-with-dequantize": "approximate-with-dequantize"}.get(parity,
+                                                                                                        parity)
     if dtype in (torch.float16, torch.bfloat16) and parity != "none":
         parity = {"exact": "approximate", "exact-with-dequantize": "approximate-with-dequantize"}[parity]
         name = str(dtype).replace("torch.", "")

@@ -215,7 +215,8 @@ def check_config(config: dict, where: str) -> tuple[dict, dict]:
         raise ExportError(f"{where}: quantization_config.quant_method is {show(qconfig.get('quant_method'))}, not "
                           "'compressed-tensors'; this normquant export's config was edited: restore it or re-export")
     groups, specs, ignore = qconfig.get("config_groups"), section.get("quant_specs"), qconfig.get("ignore", [])
-    if not isinstance(groups, dict) or not groups or not all(isinstance(g, dict) for g in groups.values()):
+    kv_only = groups == {} and section.get("kv_cache") is not None  # float weights, quantized KV cache
+    if not isinstance(groups, dict) or not (groups or kv_only) or not all(isinstance(g, dict) for g in groups.values()):
         raise ExportError(f"{where}: quantization_config.config_groups must map group names to groups (got "
                           f"{show(groups)}); re-export")
     if not isinstance(specs, dict):

@@ -27,6 +27,7 @@ from normquant.models.arch import get_architecture
 from normquant.pipeline.runner import BlockContext, run_blocks, walk_blocks
 from normquant.progress import progress_bar
 from normquant.quant.linear import QuantLinear, calibrate_static_inputs, is_linear, set_activation_quant
+from normquant.quant.kv import set_kv_cache
 from normquant.quant.prefix import float_prefix, prefix_of, prepend_prefix
 from normquant.recipe import Recipe, RecipeError, Scheme
 
@@ -81,6 +82,8 @@ def quantize(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor | None = 
         wrapped = _quantize_blocks(model, recipe, calib_ids, device, progress, checkpoint)
     if not wrapped and (recipe.scheme.weights or recipe.scheme.input_activations or recipe.scheme.overrides):
         raise RecipeError("the scheme's targets match no Linear module; check scheme.targets / scheme.ignore")
+    if recipe.scheme.kv_cache is not None:  # the model runs (evaluator) and ships (export) with its KV cache
+        set_kv_cache(model, recipe.scheme.kv_cache)
     return model
 
 

@@ -7,12 +7,12 @@ quantization parameters — and back; every stored tensor has the tokens (or blo
 axis 2, so a cache appends by concatenating along that axis (:mod:`normquant.quant.kv_cache`).
 
 Methods are a registry (``method`` name -> key and value quantizers): ``rtn`` here, ``kivi`` in
-:mod:`normquant.methods.kivi`, ``nsn`` in :mod:`normquant.methods.nsnquant`; a method module registers itself with :func:`register_kv_method` and is imported
-with the steps (:func:`normquant.pipeline.step.discover_steps`).
+:mod:`normquant.methods.kivi`, ``nsn`` in :mod:`normquant.methods.nsnquant`; a method module registers itself
+with :func:`register_kv_method` and is imported with the steps (:func:`normquant.pipeline.step.discover_steps`).
 
 ``rtn`` with ``granularity: token_head`` is the layout of vLLM's per-token-head INT8/INT4 KV caches: one scale
-(and zero point when asymmetric) per token per KV head, over its ``head_dim`` values, on normquant's min-max grid
-(:func:`normquant.quant.primitives.qparams_from_range`).
+(and zero point when asymmetric) per token per KV head, over its ``head_dim`` values, with compressed-tensors'
+dynamic arithmetic (below), so an export's ``kv_cache_scheme`` describes exactly this cache.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from normquant.quant.hadamard import hadamard_matrix
 from normquant.quant.packing import pack_to_int32, unpack_from_int32
-from normquant.quant.primitives import dequantize_view, qparams_from_range, quantize_view
+from normquant.quant.primitives import serving_qparams_view
 from normquant.quant.spec import QuantSpec
 
 _SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -94,6 +94,26 @@ class KVCacheSpec(BaseModel):
         layout = {"kivi": f"kivi{self.bits}-g{self.key_group}", "nsn": f"nsn{self.bits}-w{self.key_group}"}.get(
             self.method, f"int{self.bits}-{'asym' if self.symmetric is False else 'sym'}-tokhead")
         return f"kv-{layout}-res{self.residual}{'-rot' if self.rotate_keys else ''}"
+
+
+# ---------------------------------------------------------------------------------------------- on the model
+KV_ATTR = "normquant_kv_cache"
+
+
+def kv_cache_of(model: torch.nn.Module) -> KVCacheSpec | None:
+    """The KV-cache spec a quantized model runs with (``scheme.kv_cache`` of its recipe; None: a float cache)."""
+    return getattr(model, KV_ATTR, None)
+
+
+def set_kv_cache(model: torch.nn.Module, spec: KVCacheSpec | None) -> None:
+    """Attach ``spec`` to ``model``: the evaluator runs its windows through a cache of that spec, and an export
+    carries it (``config.json`` ``normquant.kv_cache``)."""
+    model.__dict__[KV_ATTR] = spec  # a plain attribute: not a parameter, buffer or submodule
+
+
+def head_dim_of(config) -> int:
+    """Channels per attention head of a transformers config (``head_dim``, else ``hidden_size / heads``)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 # ---------------------------------------------------------------------------------------------- storage
@@ -167,49 +187,65 @@ def dequantize_minmax(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torc
 
 
 # ---------------------------------------------------------------------------------------------- rtn per token-head
+# compressed-tensors' dynamic activation arithmetic (normquant.quant.primitives, "serving" functions) per token-head:
+# the computation compressed-tensors applies for a ``kv_cache_scheme`` with the ``group`` strategy and
+# ``group_size = head_dim`` (normquant.export.schema.kv_cache_args), on the signed grid [-2^(b-1), 2^(b-1)-1]:
+#   symmetric  s = absmax / ((2^b - 1) / 2),   z = 0
+#   asymmetric s = (max - min) / (2^b - 1),    z = round(clamp(-2^(b-1) - min / s))      (the range holds 0)
+#   q = round(clamp(x / s + z)),  x̂ = s (q - z)      (in x's dtype; z added before rounding)
+def signed_grid(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
 def token_head_qparams(x: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max qparams of every token-head: ``x`` ``[B, H, n, D]`` -> scale ``[B, H, n, 1]`` (stored ``dtype``) and
-    integer zero point ``[B, H, n, 1]`` (0 when symmetric)."""
-    xmin, xmax = x.amin(dim=-1, keepdim=True).float(), x.amax(dim=-1, keepdim=True).float()
-    scale, zero = qparams_from_range(xmin, xmax, spec)
-    scale = stored_scale(scale, dtype)
-    if not spec.symmetric:  # the zero point that keeps xmin on the grid with the stored scale
-        zero = torch.clamp(torch.round(-xmin.clamp(max=0) / scale.float()), spec.qmin, spec.qmax)
-    return scale, zero
+    """Qparams of every token-head: ``x`` ``[B, H, n, D]`` -> scale ``[B, H, n, 1]`` (stored ``dtype``) and signed
+    integer zero point ``[B, H, n, 1]`` (0 when symmetric), computed in ``x``'s dtype."""
+    scale, zero = serving_qparams_view(x.reshape(-1, x.shape[-1]), spec)  # [B*H*n, 1]
+    if dtype != x.dtype:  # a narrower stored scale: the zero point that keeps the minimum on its grid
+        scale = stored_scale(scale, dtype).to(x.dtype)
+        if not spec.symmetric:
+            lo = torch.clamp(x.reshape(-1, x.shape[-1]).amin(dim=1, keepdim=True), max=0)
+            qmin, qmax = signed_grid(spec.bits)
+            zero = torch.round(torch.clamp(qmin - lo / scale, qmin, qmax))
+    return scale.to(dtype).reshape(*x.shape[:-1], 1), zero.reshape(*x.shape[:-1], 1)
 
 
 def quantize_token_head(x: torch.Tensor, spec: QuantSpec, dtype: torch.dtype
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x`` ``[B, H, n, D]`` -> codes ``[B, H, n, D]`` (float integer values on ``spec``'s grid), scale, zero
-    ``[B, H, n, 1]``: ``q = clamp(round(x/s) + z, qmin, qmax)``."""
+    """``x`` ``[B, H, n, D]`` -> signed codes ``[B, H, n, D]`` (integer values in ``x``'s dtype), scale, zero
+    ``[B, H, n, 1]``: ``q = round(clamp(x/s + z, -2^(b-1), 2^(b-1)-1))``."""
     scale, zero = token_head_qparams(x, spec, dtype)
-    return quantize_view(x.float(), scale.float(), zero, spec), scale, zero
+    v = torch.div(x, scale.to(x.dtype))
+    if not spec.symmetric:
+        v.add_(zero)
+    return v.clamp_(*signed_grid(spec.bits)).round_(), scale, zero
 
 
-def dequantize_token_head(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """``x̂ = s (q - z)`` ``[B, H, n, D]`` (float32)."""
-    return dequantize_view(codes, scale.float(), zero.float())
+def dequantize_token_head(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """``x̂ = s (q - z)`` ``[B, H, n, D]`` in ``dtype``."""
+    return (codes.to(dtype) - zero.to(dtype)).mul_(scale.to(dtype))
 
 
 class TokenHeadRTN(KVQuantizer):
-    """Per-token-head RTN: packed codes ``[B, H, n, W]`` int32, scale ``[B, H, n, 1]`` in ``scale_dtype``, and for
-    an asymmetric grid an integer zero point ``[B, H, n, 1]`` uint8."""
+    """Per-token-head RTN: packed signed codes ``[B, H, n, W]`` int32, scale ``[B, H, n, 1]`` in ``scale_dtype``,
+    and for an asymmetric grid a signed zero point ``[B, H, n, 1]`` int8."""
 
     def __init__(self, bits: int, symmetric: bool, dtype: torch.dtype):
-        self.spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="token")
+        self.spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="token", dynamic=True)
         self.dtype = dtype
 
     def quantize(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         codes, scale, zero = quantize_token_head(x, self.spec, self.dtype)
-        stored = {"codes": pack_codes(codes.to(torch.int32), self.spec.bits, self.spec.symmetric), "scale": scale}
+        stored = {"codes": pack_codes(codes.to(torch.int32), self.spec.bits, signed=True), "scale": scale}
         if not self.spec.symmetric:
-            stored["zero"] = zero.to(torch.uint8)
+            stored["zero"] = zero.to(torch.int8)
         return stored
 
     def dequantize(self, stored: dict[str, torch.Tensor], head_dim: int, dtype: torch.dtype) -> torch.Tensor:
-        codes = unpack_codes(stored["codes"], self.spec.bits, head_dim, self.spec.symmetric)
+        codes = unpack_codes(stored["codes"], self.spec.bits, head_dim, signed=True)
         zero = stored["zero"] if "zero" in stored else torch.zeros_like(stored["scale"])
-        return dequantize_token_head(codes, stored["scale"], zero).to(dtype)
+        return dequantize_token_head(codes, stored["scale"], zero, dtype)
 
     def bits_per_token_head(self, head_dim: int) -> tuple[float, float, float]:
         scale_bits = torch.finfo(self.dtype).bits
