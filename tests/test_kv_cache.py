@@ -243,6 +243,7 @@ def test_perplexity_through_the_kv_cache():
     kivi2 = evaluate_perplexity(model, ids, seqlen=32, progress=False,
                                 kv_cache=KVCacheSpec(method="kivi", bits=2, group_size=4))
     assert ref.kv_cache is None and int8.kv_cache == "kv-int8-sym-tokhead-res0" and int8.tokens == ref.tokens
+    assert ref.kv_bits_per_element is None and int8.kv_bits_per_element == (8 * 8 + 16) / 8  # head_dim 8, fp16 scale
     # measured: float 130.6676, int8 130.6689, kivi-2 about 130.9 on this random model
     assert abs(int8.ppl - ref.ppl) / ref.ppl < 1e-4
     assert kivi2.ppl != int8.ppl

@@ -192,7 +192,7 @@ def _generate_batch(model: nn.Module, first: torch.Tensor, n_greedy: torch.Tenso
     ids = torch.empty(b, seqlen, dtype=torch.long, device=device)
     ids[:, 0] = first.to(device)
     n_greedy, uniforms, banned = n_greedy.to(device), uniforms.to(device, torch.float64), banned.to(device)
-    key = _cache_argument(model)
+    key = cache_argument(model)
     past, cur = None, ids[:, :1]
     for j in range(1, seqlen):
         out = model(input_ids=cur, use_cache=True, **{key: past})
@@ -208,7 +208,7 @@ def _generate_batch(model: nn.Module, first: torch.Tensor, n_greedy: torch.Tenso
     return ids.cpu()
 
 
-def _cache_argument(model: nn.Module) -> str:
+def cache_argument(model: nn.Module) -> str:
     """The name under which the model's ``forward`` takes and returns the KV cache: ``cache`` in the transformers
     releases that renamed it (``past_key_values`` warns there that it goes in 5.40), ``past_key_values`` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -22,10 +22,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from normquant.progress import progress_bar
-from normquant.quant.kv import KVCacheSpec, kv_cache_of
+from normquant.quant.kv import KVCacheSpec, head_dim_of, kv_bits_per_element, kv_cache_of
 from normquant.quant.kv_cache import QuantizedKVCache
 from normquant.quant.prefix import float_prefix, prefix_of, prepend_prefix
 
+from normquant.data.selfgen import cache_argument
 from normquant.data.text import DataError
 
 
@@ -44,6 +45,7 @@ class PerplexityResult:
     dtype: str
     prefix_tokens: int = 0  # PrefixQuant tokens read before every window (not predicted)
     kv_cache: str | None = None  # KVCacheSpec.short() of the quantized KV cache the windows ran through
+    kv_bits_per_element: float | None = None  # stored bits per cached K/V element of one window (exact account)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,12 +95,13 @@ def evaluate_perplexity(model, input_ids: torch.Tensor, *, seqlen: int = 2048, w
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     nll_sum, count = 0.0, 0
+    cache_key = cache_argument(model)
     start = time.perf_counter()
     bar = progress_bar(total=use.shape[0], desc="perplexity", unit="window", enabled=progress)
     for i in range(0, use.shape[0], batch_size):
         batch = use[i:i + batch_size].to(device)  # [b, seqlen]
         run = ({"use_cache": False} if kv_cache is None else  # a fresh quantized cache per window
-               {"use_cache": True, "cache": QuantizedKVCache(model.config, kv_cache, float_prefix=p)})
+               {"use_cache": True, cache_key: QuantizedKVCache(model.config, kv_cache, float_prefix=p)})
         if prefix is None:
             logits = model(input_ids=batch, **run).logits  # [b, seqlen, vocab]
         else:  # PrefixQuant: [prefix | window], prefix positions float, the same tokens predicted
@@ -116,9 +119,13 @@ def evaluate_perplexity(model, input_ids: torch.Tensor, *, seqlen: int = 2048, w
     bar.close()
     seconds = time.perf_counter() - start
     mean = nll_sum / count
+    dtype = next(model.parameters()).dtype
+    kv_bits = None if kv_cache is None else kv_bits_per_element(kv_cache, head_dim_of(model.config), seqlen + p,
+                                                                torch.finfo(dtype).bits, float_prefix=p).total
     return PerplexityResult(ppl=math.exp(mean), nll=mean, windows=use.shape[0], windows_total=total, seqlen=seqlen,
                             tokens=count, seconds=seconds, tokens_per_s=use.numel() / seconds,
                             peak_memory_mb=_peak_memory_mb(device), device=str(device),
-                            dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+                            dtype=str(dtype).replace("torch.", ""),
                             prefix_tokens=0 if prefix is None else prefix.numel(),
-                            kv_cache=None if kv_cache is None else kv_cache.short())
+                            kv_cache=None if kv_cache is None else kv_cache.short(),
+                            kv_bits_per_element=kv_bits)

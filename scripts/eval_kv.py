@@ -1,0 +1,230 @@
+"""KV-cache quantization on SmolLM2 (issue 11): perplexity at ≈8/4/2/1 stored bits per element, the bytes a cache
+holds at 2048 tokens, greedy generation through the cache, and decode speed. Weights and activations stay float.
+
+    python scripts/eval_kv.py --data-dir ../shared/data --windows 16 --out eval/kv_smollm2
+    python scripts/eval_kv.py --data-dir ../shared/data --parts memory generate --out eval/kv_smollm2 --append
+
+Parts (``--parts``, default all):
+
+* ``table``: WikiText-2 test perplexity of the first ``--windows`` 2048-token windows through a fresh quantized
+  cache per window (``evaluate_perplexity(kv_cache=...)``): attention reads the quantized keys and values at every
+  position; each row states its exact stored bits per K/V element (codes + scales + zero points/minima + float
+  tokens, :func:`normquant.quant.kv.kv_bits_per_element`, head_dim 64, and the same account for head_dim 128).
+* ``memory``: one 2048-token window prefilled through each cache; ``nbytes`` of every tensor the cache then holds
+  (float32: transformers' ``DynamicCache``; float16: the same tensors cast to float16 and held).
+* ``generate``: ``--prompts`` prompts (the first 32 tokens of evaluation windows 0, 1, ...) greedily extended by
+  ``--new-tokens`` tokens through the float cache and through each quantized cache: how many continuations are
+  identical, and where the others first differ.
+  With them, decode speed: new tokens / wall time of ``generate`` (median over prompts; CPU, the thread count
+  recorded). No target: an honest figure.
+
+Results are rewritten after every row (``--append`` keeps the parts not rerun).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from normquant.data.selfgen import cache_argument
+from normquant.data.text import tokenize_eval
+from normquant.evaluation.perplexity import evaluate_perplexity
+from normquant.evaluation.records import environment, perplexity_record, write_json
+from normquant.models.loading import load_model
+from normquant.quant.kv import KVCacheSpec, head_dim_of, kv_bits_per_element
+from normquant.quant.kv_cache import QuantizedKVCache
+
+#: row name -> scheme.kv_cache
+ROWS = {
+    "int8": {"bits": 8},
+    "int4": {"bits": 4},
+    "int4-r3": {"bits": 4, "rotate_keys": True},
+    "kivi4": {"method": "kivi", "bits": 4},
+    "int2": {"bits": 2},
+    "int2-r3": {"bits": 2, "rotate_keys": True},
+    "kivi2": {"method": "kivi", "bits": 2},
+    "kivi2-res128": {"method": "kivi", "bits": 2, "residual": 128},
+    "nsn2": {"method": "nsn", "bits": 2},
+    "nsn1": {"method": "nsn", "bits": 1},
+}
+MEMORY_ROWS = ["int8", "int4", "kivi2", "nsn2", "nsn1"]
+GENERATE_ROWS = ["int8", "int4", "int2", "kivi2", "nsn2"]
+
+
+def _spec(name: str) -> KVCacheSpec:
+    return KVCacheSpec(**ROWS[name])
+
+
+def _bits(spec: KVCacheSpec, head_dim: int, seqlen: int) -> dict:
+    b = kv_bits_per_element(spec, head_dim, seqlen)
+    return {"total": b.total, "codes": b.codes, "scales": b.scales, "zeros": b.zeros, "residual": b.residual}
+
+
+def table(model, ids, rows: list[str], windows: int, out: dict, save) -> None:
+    if "float" not in out["table"]:
+        res = evaluate_perplexity(model, ids, seqlen=2048, windows=windows)
+        out["table"]["float"] = {"ppl": res.ppl, "record": perplexity_record("smollm2-135m", "wikitext2", "test", res)}
+        print(f"float: {res.ppl:.3f}", flush=True)
+        save()
+    base = out["table"]["float"]["ppl"]
+    for name in rows:
+        spec = _spec(name)
+        res = evaluate_perplexity(model, ids, seqlen=2048, windows=windows, kv_cache=spec)
+        out["table"][name] = {"spec": spec.model_dump(), "short": spec.short(), "ppl": res.ppl,
+                              "delta_pct": 100 * (res.ppl / base - 1),
+                              "bits_per_element": {"head_dim_64": _bits(spec, head_dim_of(model.config), 2048),
+                                                   "head_dim_128": _bits(spec, 128, 2048)},
+                              "record": perplexity_record("smollm2-135m", "wikitext2", "test", res)}
+        print(f"{name} ({spec.short()}): {res.ppl:.3f} ({out['table'][name]['delta_pct']:+.2f}%), "
+              f"{res.kv_bits_per_element:.3f} bits/element, {res.seconds:.0f}s", flush=True)
+        save()
+
+
+@torch.no_grad()
+def memory(model, ids, rows: list[str], out: dict, save) -> None:
+    window = ids[:, :2048]
+    key = cache_argument(model)
+    cache = DynamicCache(config=model.config)
+    model(window, **{key: cache}, use_cache=True)
+    held = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    out["memory"] = {"tokens": window.shape[1], "float32": sum(t.nbytes for t in held),
+                     "float16": sum(t.half().nbytes for t in held)}
+    for name in rows:
+        spec = _spec(name)
+        q = QuantizedKVCache(model.config, spec)
+        model(window, **{key: q}, use_cache=True)
+        elements = sum(t.numel() for t in held)  # keys and values: every element of the float cache
+        out["memory"][name] = {"bytes": q.nbytes(), "bits_per_element_held": 8 * q.nbytes() / elements,
+                               "bits_per_element_account": kv_bits_per_element(spec, head_dim_of(model.config),
+                                                                               window.shape[1]).total}
+        print(f"memory {name}: {q.nbytes():,} bytes ({out['memory'][name]['bits_per_element_held']:.3f} bits/element; "
+              f"float32 {out['memory']['float32']:,}, float16 {out['memory']['float16']:,})", flush=True)
+        save()
+
+
+@torch.no_grad()
+def generate(model, tok, ids, rows: list[str], prompts: int, new_tokens: int, out: dict, save) -> None:
+    key = cache_argument(model)
+    starts = [ids[:, i * 2048: i * 2048 + 32] for i in range(prompts)]
+    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+              "pad_token_id": tok.eos_token_id}
+
+    def run(cache_for):
+        texts, seconds = [], []
+        for p in starts:
+            t0 = time.perf_counter()
+            extra = {} if cache_for is None else {key: cache_for()}
+            texts.append(model.generate(p, **kwargs, **extra)[0, p.shape[1]:])
+            seconds.append(time.perf_counter() - t0)
+        return texts, seconds
+
+    ref, ref_s = run(None)
+    out["generate"] = {"prompts": prompts, "prompt_tokens": 32, "new_tokens": new_tokens,
+                       "float": {"tokens_per_s": new_tokens / statistics.median(ref_s),
+                                 "first_continuation": tok.decode(ref[0])}}
+    print(f"generate float: {out['generate']['float']['tokens_per_s']:.1f} tok/s", flush=True)
+    for name in rows:
+        spec = _spec(name)
+        got, secs = run(lambda: QuantizedKVCache(model.config, spec))
+        first_diff = [None if torch.equal(a, b) else int((a != b).nonzero()[0, 0]) for a, b in zip(got, ref)]
+        margins = [None if d is None else _top2_margin(model, torch.cat([p[0], r[:d]])) for p, r, d in
+                   zip(starts, ref, first_diff)]
+        out["generate"][name] = {"identical": sum(d is None for d in first_diff), "first_difference": first_diff,
+                                 "float_top2_margin_there": margins,
+                                 "tokens_per_s": new_tokens / statistics.median(secs)}
+        print(f"generate {name}: {out['generate'][name]['identical']}/{prompts} identical, first differences "
+              f"{first_diff}, {out['generate'][name]['tokens_per_s']:.1f} tok/s", flush=True)
+        save()
+
+
+def _top2_margin(model, ids: torch.Tensor) -> float:
+    """Float model's gap between its two largest next-token logits after ``ids`` (a near-tie flips on tiny changes)."""
+    top2 = model(ids[None]).logits[0, -1].float().topk(2).values
+    return (top2[0] - top2[1]).item()
+
+
+def markdown(out: dict) -> str:
+    lines = [f"SmolLM2-135M, float32 weights and activations, CPU {out['environment']['threads']} threads, commit "
+             f"`{out['environment']['git_commit']}`."]
+    t = out.get("table") or {}
+    if "float" in t:
+        f = t["float"]
+        lines += ["", f"**Perplexity** ({f['record']['protocol']}; a fresh quantized cache per window, read at every "
+                  "position). Bits per element: stored bits per cached K/V element at 2048 tokens (codes + scales + "
+                  "zero points/minima + float tokens), head_dim 64 (SmolLM2) and 128.", "",
+                  "| KV cache | bits/elem (d=64) | bits/elem (d=128) | ppl | vs float |", "|---|---:|---:|---:|---:|",
+                  f"| float (float32) | 32 | 32 | {f['ppl']:.3f} | — |"]
+        for name, r in t.items():
+            if name != "float":
+                b = r["bits_per_element"]
+                lines.append(f"| {name} `{r['short']}` | {b['head_dim_64']['total']:.3f} | "
+                             f"{b['head_dim_128']['total']:.3f} | {r['ppl']:.3f} | {r['delta_pct']:+.2f}% |")
+    m = out.get("memory")
+    if m:
+        lines += ["", f"**Cache memory held** after prefilling one {m['tokens']}-token window (every layer, keys and "
+                  "values; `nbytes` of the tensors held):", "", "| cache | bytes | bits/element held | account |",
+                  "|---|---:|---:|---:|", f"| float32 | {m['float32']:,} | 32 | 32 |",
+                  f"| float16 | {m['float16']:,} | 16 | 16 |"]
+        for name, r in m.items():
+            if isinstance(r, dict):
+                lines.append(f"| {name} | {r['bytes']:,} | {r['bits_per_element_held']:.3f} | "
+                             f"{r['bits_per_element_account']:.3f} |")
+    g = out.get("generate")
+    if g:
+        lines += ["", f"**Greedy generation** through the cache: {g['prompts']} prompts ({g['prompt_tokens']} tokens "
+                  f"of WikiText-2 test), {g['new_tokens']} new tokens; decode speed = new tokens / median wall time of "
+                  "`generate`; at a first difference, the float model's margin between its top-2 logits there.", "",
+                  "| cache | identical to float | first difference at (float top-2 margin) | tokens/s |",
+                  "|---|---:|---|---:|", f"| float | — | — | {g['float']['tokens_per_s']:.1f} |"]
+        for name, r in g.items():
+            if isinstance(r, dict) and name != "float":
+                diffs = ", ".join("—" if d is None else f"{d} ({m:.3f})" for d, m in
+                                  zip(r["first_difference"], r["float_top2_margin_there"]))
+                lines.append(f"| {name} | {r['identical']}/{g['prompts']} | {diffs} | {r['tokens_per_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir")
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--parts", nargs="+", default=["table", "memory", "generate"],
+                    choices=["table", "memory", "generate"])
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="table rows")
+    ap.add_argument("--prompts", type=int, default=10)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--out", default="eval/kv_smollm2", help="output path without extension")
+    ap.add_argument("--append", action="store_true", help="keep the parts and rows of --out not rerun")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model("smollm2-135m")
+    model.eval()
+    ids = tokenize_eval(tok, "wikitext2", "test", args.data_dir)
+    out = {"model": "smollm2-135m", "environment": environment(), "windows": args.windows, "table": {}}
+    if args.append and Path(f"{args.out}.json").exists():
+        old = json.loads(Path(f"{args.out}.json").read_text())
+        out = {**old, "environment": environment(), "table": old.get("table", {}) if old.get("windows") ==
+               args.windows else {}}
+
+    def save():
+        write_json(f"{args.out}.json", out)
+        Path(f"{args.out}.md").write_text(markdown(out))
+
+    if "table" in args.parts:
+        table(model, ids, args.rows, args.windows, out, save)
+    if "memory" in args.parts:
+        memory(model, ids, MEMORY_ROWS, out, save)
+    if "generate" in args.parts:
+        generate(model, tok, ids, GENERATE_ROWS, args.prompts, args.new_tokens, out, save)
+    save()
+
+
+if __name__ == "__main__":
+    main()
