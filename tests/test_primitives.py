@@ -89,6 +89,18 @@ def test_dynamic_activation_uses_the_serving_formula(symmetric):
         assert out[0].item() == pytest.approx(-128 / 127.5) and out[2].item() == pytest.approx(127 / 127.5)
 
 
+def test_dynamic_clip_ratio_shrinks_the_range():
+    """QuaRot's clip_ratio on dynamic activations: s = 0.9 absmax / 7.5 at 4 bits, so |x| beyond about 0.9 absmax
+    saturates (a regression: the serving formula once dropped the ratio, making clip_ratio: 0.9 a no-op)."""
+    row = torch.tensor([[[-1.0, 0.5, 0.95, 1.0]]], dtype=torch.float64)
+    spec = QuantSpec(bits=4, granularity="token", dynamic=True, clip_ratio=0.9)
+    s = 0.9 / 7.5
+    assert torch.allclose(fake_quantize_activation(row, spec), torch.tensor([[[-8 * s, 4 * s, 7 * s, 7 * s]]],
+                                                                            dtype=torch.float64), rtol=0, atol=1e-15)
+    assert not torch.equal(fake_quantize_activation(row, spec), fake_quantize_activation(row, spec.model_copy(
+        update={"clip_ratio": 1.0})))
+
+
 @settings(max_examples=60, deadline=None)
 @given(bits=st.integers(2, 8), symmetric=st.booleans(), seed=st.integers(0, 2**16),
        scale=st.floats(1e-3, 1e3))

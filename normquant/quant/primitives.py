@@ -204,10 +204,11 @@ def _activation_view(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, Ca
 
 def serving_qparams_view(xv: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic qparams ``[n, 1]`` of each row of ``xv`` exactly as compressed-tensors computes them: scale in
-    ``xv``'s dtype, zero point on the **signed** grid (zeros for symmetric specs). No gradient."""
+    ``xv``'s dtype, zero point on the **signed** grid (zeros for symmetric specs). No gradient. A ``clip_ratio`` < 1
+    (QuaRot's 0.9; compressed-tensors has none, so such exports say parity none) shrinks the range first."""
     with torch.no_grad():
-        lo = torch.clamp(xv.amin(dim=1, keepdim=True), max=0)
-        hi = torch.clamp(xv.amax(dim=1, keepdim=True), min=0)
+        lo = torch.clamp(xv.amin(dim=1, keepdim=True), max=0) * spec.clip_ratio  # x 1.0: exact
+        hi = torch.clamp(xv.amax(dim=1, keepdim=True), min=0) * spec.clip_ratio
         qmin, qmax = -(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1
         bit_range = torch.tensor(float(qmax - qmin), device=xv.device).to(xv.dtype)
         if spec.symmetric:
