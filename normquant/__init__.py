@@ -19,7 +19,7 @@ cheap; torch and transformers load on first use. Lower-level names (``load_recip
 """
 __version__ = "0.1.0"
 
-from normquant.api import as_recipe, evaluate, load, quantize  # noqa: E402  (cheap: heavy imports are deferred)
+from normquant.api import as_recipe, convert, evaluate, load, quantize  # noqa: E402  (heavy imports deferred)
 
 _LAZY = {
     "load_recipe": "normquant.recipe",
@@ -44,4 +44,4 @@ def __getattr__(name):  # lazy: `import normquant` stays cheap
     raise AttributeError(f"module 'normquant' has no attribute '{name}'")
 
 
-__all__ = ["load", "quantize", "evaluate", "export", "as_recipe", *_LAZY]
+__all__ = ["load", "quantize", "evaluate", "export", "convert", "as_recipe", *_LAZY]

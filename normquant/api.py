@@ -1,4 +1,4 @@
-"""normquant's Python API: :func:`load`, :func:`quantize`, :func:`evaluate`, :func:`export`.
+"""normquant's Python API: :func:`load`, :func:`quantize`, :func:`evaluate`, :func:`export`, :func:`convert`.
 
 Everything the CLI does, on model objects you hold. Recipes may be a :class:`~normquant.recipe.Recipe`, a
 YAML path or a dict; calibration data is built from the recipe's ``calibration`` section when you pass the
@@ -36,7 +36,7 @@ RecipeLike = Union["Recipe", str, os.PathLike, Mapping]
 CalibrationLike = Union["torch.Tensor", Sequence[str], Mapping, None]
 """Token ids ``[N, L]``, a list of texts, overrides of the recipe's ``calibration`` section, or None."""
 
-__all__ = ["load", "quantize", "evaluate", "export", "as_recipe"]
+__all__ = ["load", "quantize", "evaluate", "export", "convert", "as_recipe"]
 
 
 def as_recipe(recipe: RecipeLike) -> "Recipe":
@@ -175,6 +175,20 @@ def export(model: "nn.Module", path: str | os.PathLike, *, tokenizer: Any = None
     from normquant.export import export_model
 
     return export_model(model, tokenizer, path, force=force, extra_metadata=metadata)
+
+
+def convert(model: "nn.Module") -> dict:
+    """Run the quantized linears of ``model`` as real integer GEMMs (in place, where this machine sums them
+    exactly: :mod:`normquant.quant.real`); the others stay fake-quant. Returns ``{"converted": [names], "kept":
+    {name: why}, "activation_bits": b}``. Perplexity through the converted model equals the fake path's up to
+    float32 rounding. Convert after exporting: an export reads the fake-quant modules.
+
+    >>> convert(model)["kept"]                                                         # doctest: +SKIP
+    {}
+    """
+    from normquant.quant.real import convert as convert_model
+
+    return convert_model(model)
 
 
 # ------------------------------------------------------------------------------------------ save_pretrained

@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(ev, model_required=True)
     ev.add_argument("--dataset", default="wikitext2", choices=["wikitext2", "ptb", "c4"])
     ev.add_argument("--json", action="store_true", help="print the JSON record")
+    ev.add_argument("--real", action="store_true", help="run the quantized linears as integer GEMMs (int8 weights "
+                    "and activations; layers that cannot stay fake-quant, listed)")
     ev.add_argument("--tasks", metavar="TASK[,TASK...]", help="EleutherAI lm-eval tasks instead of perplexity: "
                     "task names or task YAML paths (needs pip install 'normquant[lmeval]')")
     ev.add_argument("--limit", type=int, metavar="N", help="with --tasks: the first N documents of each task")
@@ -277,10 +279,13 @@ def cmd_eval(args) -> int:
     if serving and serving.get("parity") != "exact":
         for note in serving.get("notes", []):
             logging.getLogger("normquant").warning("this export in transformers + compressed-tensors: %s", note)
+    real = _convert(model) if args.real else None
     if tasks:
         return _eval_tasks(args, model, tok, *tasks, section)
     res = _eval(model, tok, ev, args.data_dir, not args.quiet)
     record = {**perplexity_record(args.model, ev.dataset, ev.split, res), "environment": environment()}
+    if real is not None:
+        record["real"] = real
     if serving:
         record["serving"] = serving
     if args.json:
@@ -288,6 +293,24 @@ def cmd_eval(args) -> int:
     else:
         print(f"{args.model}: ppl {res.ppl:.3f}  [{record['protocol']}]  {res.tokens_per_s:.0f} tok/s")
     return 0
+
+
+def _convert(model) -> dict:
+    """``--real``: integer GEMMs where they run here (normquant.quant.real), one line on what stayed fake."""
+    from normquant.quant.primitives import QuantError
+    from normquant.quant.real import convert
+
+    try:
+        report = convert(model)
+    except QuantError as e:
+        raise UserError(str(e)) from None
+    if not report["converted"] and not report["kept"]:
+        raise UserError("--real: the model has no quantized linears (evaluate an export or a quantized model)")
+    reasons = sorted(set(report["kept"].values()))
+    print(f"--real: {len(report['converted'])} linears run as int8 GEMMs, {len(report['kept'])} stay fake-quant"
+          + (f" ({'; '.join(reasons)})" if reasons else ""), file=sys.stderr)
+    return {"converted": len(report["converted"]), "kept": report["kept"],
+            "activation_bits_exact": report["activation_bits"]}
 
 
 def _normquant_section(model: str) -> dict:

@@ -29,15 +29,16 @@ def test_api_names_are_the_functions_before_and_after_importing_every_submodule(
     code = """
 import inspect, sys
 import normquant
-from normquant import quantize, evaluate, load
+from normquant import quantize, evaluate, load, convert
 from normquant import export as export_first
-assert all(inspect.isfunction(f) for f in (quantize, evaluate, load)), (quantize, evaluate, load)
+assert all(inspect.isfunction(f) for f in (quantize, evaluate, load, convert)), (quantize, evaluate, load, convert)
 import pkgutil, importlib
 for info in pkgutil.walk_packages(normquant.__path__, "normquant."):
     importlib.import_module(info.name)
 import normquant.export.checkpoint as ckpt          # `import a.b.c as x` still resolves through the package
 from normquant import quantize as q2, export as export_after
 assert q2 is quantize and normquant.quantize is quantize and normquant.evaluate is evaluate and normquant.load is load
+assert normquant.convert is convert
 assert export_first is export_after is normquant.export is sys.modules["normquant.export"] and callable(export_after)
 assert ckpt.export_model is normquant.export.export_model
 print("ok")

@@ -192,7 +192,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec
 # their codes and scales are stored, so a server dequantizes the same ``s * (q - z)``.
 
 
-def _activation_view(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, Callable]:
+def activation_view(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, Callable]:
     """Reduction view of an activation as compressed-tensors groups it (token: all dims after the first two)."""
     if spec.granularity == "token":
         shape = x.shape
@@ -251,7 +251,7 @@ def fake_quantize_activation(x: torch.Tensor, spec: QuantSpec, scale: torch.Tens
     ``zero`` as normquant stores them (reduction-view rows, ``zero`` on normquant's grid: unsigned for asymmetric
     specs), moved to the signed grid here — ``q - z`` is unchanged, but ``x/s + z`` rounds as the server's does.
     """
-    xv, restore = _activation_view(x, spec)
+    xv, restore = activation_view(x, spec)
     if scale is None:
         scale, zero = serving_qparams_view(xv, spec)
     else:

@@ -1,0 +1,147 @@
+"""Real integer execution (``convert``): quantized linears run as integer GEMMs instead of fake-quant.
+
+:func:`convert` replaces every :class:`~normquant.quant.linear.QuantLinear` it can run for real with an
+:class:`Int8Linear` and leaves the others as they are (fake-quant), saying which and why. The fake path stays the
+reference: the real one computes the same integers.
+
+**Int8Linear** (W8A8 on CPU): int8 symmetric weights (per output channel or per tensor; the codes of
+:meth:`QuantLinear.integer_weight`) and symmetric activations — dynamic per token with compressed-tensors'
+arithmetic (:func:`~normquant.quant.primitives.serving_qparams_view`, ``clip_ratio`` included) or static per
+tensor (the calibrated scale) — through oneDNN's u8×s8 GEMM (``torch.ops.onednn.qlinear_pointwise``) with int32
+accumulation::
+
+    q_x = round(clamp(x / s_x, -2^(b-1), 2^(b-1)-1))            [M, K]  the fake path's codes, op for op
+    u   = q_x + 2^(b-1)  (uint8), zero point 2^(b-1)           oneDNN takes unsigned activations
+    y   = s_x · (s_w ⊙ Σ_k (u - 2^(b-1)) q_w) + b              [M, N]  integer sum exact in int32
+
+The fake path computes ``(s_x q_x)(s_w q_w)ᵀ`` in float32: the same value up to float32 rounding of the sum.
+
+**Activation bits the CPU sums exactly** (:func:`exact_activation_bits`, probed once): CPUs without VNNI
+(AVX2) multiply u8×s8 pairs into *saturating* int16 (``vpmaddubsw``), so two products of 255·127 overflow;
+with codes of at most 7 bits (``u`` ≤ 127) no pair can. The probe runs a worst-case GEMM: 8 where it is exact
+(VNNI/AMX), else 7. On a 7-bit machine, layers with 8-bit activations stay fake (a recipe with ``bits: 7``
+activations runs for real; fbgemm's ``reduce_range`` is the same constraint).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normquant.quant.linear import QuantLinear
+from normquant.quant.prefix import prefix_of
+from normquant.quant.primitives import QuantError, activation_view, serving_qparams_view
+
+
+@functools.lru_cache(maxsize=1)
+def exact_activation_bits() -> int | None:
+    """The widest activation code (bits) this CPU's oneDNN u8×s8 GEMM sums exactly; None without the op."""
+    op = getattr(torch.ops.onednn, "qlinear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return None
+    k, n = 64, 8
+    w = torch.full((n, k), 127, dtype=torch.int8)
+    for bits in (8, 7):
+        zero = 2 ** (bits - 1)
+        u = torch.full((4, k), 2 * zero - 1, dtype=torch.uint8)  # the largest code: (2^b - 1) - 2^(b-1)
+        try:
+            y = _gemm(u, zero, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(n),
+                      torch.zeros(n, dtype=torch.long))
+        except RuntimeError:
+            return None
+        if torch.equal(y, torch.full((4, n), float((zero - 1) * 127 * k))):
+            return bits
+    return None
+
+
+def _gemm(u: torch.Tensor, zero: int, packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor
+          ) -> torch.Tensor:
+    """``w_scale ⊙ Σ_k (u - zero) q_w`` ``[M, N]`` float32 (oneDNN, int32 accumulation)."""
+    return torch.ops.onednn.qlinear_pointwise(u, 1.0, zero, packed, w_scale, w_zero, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+def why_not_int8(ql: QuantLinear, activation_bits: int | None) -> str:
+    """Why ``ql`` cannot run as an :class:`Int8Linear` here ("" when it can)."""
+    w, a = ql.weight_spec, None if ql.input_quant is None else ql.input_quant.spec
+    if activation_bits is None:
+        return "this PyTorch build has no oneDNN int8 GEMM"
+    if w is None or not ql.weight_quantized:
+        return "float weights"
+    if w.bits != 8 or not w.symmetric or w.granularity not in ("channel", "token", "tensor"):
+        return f"weights {w.short()} (needs int8 symmetric per channel or per tensor)"
+    if a is None:
+        return "float activations (weight-only)"
+    if not a.symmetric or a.outlier_threshold is not None or not (
+            (a.dynamic and a.granularity == "token") or (not a.dynamic and a.granularity == "tensor")):
+        return f"activations {a.short()} (needs symmetric dynamic per-token or static per-tensor)"
+    if a.bits > activation_bits:
+        return (f"{a.bits}-bit activations: this CPU's int8 GEMM sums at most {activation_bits}-bit codes exactly "
+                "(no VNNI: saturating int16 pair sums)")
+    return ""
+
+
+class Int8Linear(nn.Module):
+    """A quantized linear run as an int8 GEMM (module docstring); built from a QuantLinear by :meth:`from_quant`."""
+
+    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, input_spec,
+                 input_scale: torch.Tensor | None, input_transform: nn.Module | None):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.input_spec = input_spec
+        self.register_buffer("weight_packed", torch.ops.onednn.qlinear_prepack(codes.contiguous(), None))  # int8
+        self.register_buffer("weight_scale", w_scale.float().reshape(-1).expand(self.out_features).contiguous())
+        self.register_buffer("weight_zero", torch.zeros(self.out_features, dtype=torch.long))
+        self.register_buffer("input_scale", input_scale)  # static: [1, 1]; dynamic: None
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.input_transform = input_transform
+
+    @classmethod
+    def from_quant(cls, ql: QuantLinear) -> "Int8Linear":
+        codes, scale, _ = ql.integer_weight()  # int8 [N, K]; scale [N, 1] or [1, 1]
+        a = ql.input_quant
+        return cls(codes.to(torch.int8), scale, ql.bias, a.spec, None if a.spec.dynamic else a.scale.float(),
+                   ql.input_transform)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        spec, dtype, shape = self.input_spec, x.dtype, x.shape
+        xv, _ = activation_view(x, spec)  # compressed-tensors' rows: [B*T, C], or the whole tensor
+        s = serving_qparams_view(xv, spec)[0] if self.input_scale is None else self.input_scale.to(x.dtype)
+        zero = 2 ** (spec.bits - 1)
+        q = torch.div(xv, s).clamp_(-zero, zero - 1).round_()  # fake_quantize_serving_view's codes
+        u = (q.reshape(-1, self.in_features) + zero).to(torch.uint8)  # [M, K]
+        y = _gemm(u, zero, self.weight_packed, self.weight_scale, self.weight_zero)  # [M, N]
+        y = y.reshape(*shape[:-1], self.out_features).mul_(s.reshape(*shape[:-1], 1) if s.numel() > 1 else s)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+                f"int8 x {self.input_spec.short()}")
+
+
+def convert(model: nn.Module) -> dict:
+    """Replace every QuantLinear that can run as an int8 GEMM here by an :class:`Int8Linear` (in place); return
+    ``{"converted": [names], "kept": {name: why}, "activation_bits": b}``. Layers kept stay fake-quant."""
+    if prefix_of(model) is not None:
+        raise QuantError("this model has a PrefixQuant prefix, whose positions the integer GEMM would quantize: "
+                         "evaluate it without --real")
+    bits = exact_activation_bits()
+    report: dict = {"converted": [], "kept": {}, "activation_bits": bits}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, QuantLinear):
+            continue
+        why = why_not_int8(module, bits)
+        if why:
+            report["kept"][name] = why
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, Int8Linear.from_quant(module))
+        report["converted"].append(name)
+    return report
+
