@@ -33,3 +33,6 @@ def _cache_env(tmp_path_factory, monkeypatch):
     # the packaged-model cache is shared across tests (and runs) unless a test overrides it
     if "NORMQUANT_CACHE" not in os.environ:
         monkeypatch.setenv("NORMQUANT_CACHE", str(Path.home() / ".cache" / "normquant"))
+    # Int8Linear's compiled activation quantizer costs ~15-40 s of compilation per process: tests run it eagerly
+    # (the same codes; tests/test_real.py compiles it once to check that)
+    monkeypatch.setenv("NORMQUANT_COMPILE", "0")

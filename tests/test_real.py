@@ -94,3 +94,24 @@ def test_a_prefixquant_model_is_refused_in_one_line():
     set_prefix(model, [1, 2])
     with pytest.raises(QuantError, match="PrefixQuant prefix"):
         convert(model)
+
+
+def test_the_compiled_activation_quantizer_gives_the_eager_codes(monkeypatch):
+    """torch.compile fuses quantize_rows (the speed of --real); its codes and scales must be the eager ones."""
+    from normquant.quant import real
+    from normquant.quant.spec import QuantSpec
+
+    monkeypatch.setenv("NORMQUANT_COMPILE", "1")
+    monkeypatch.setattr(real, "_COMPILED", {})
+    fn = real.row_quantizer()
+    g = torch.Generator().manual_seed(0)
+    for spec in (QuantSpec(bits=7, granularity="token", dynamic=True),
+                 QuantSpec(bits=6, granularity="token", dynamic=True, clip_ratio=0.9)):
+        for shape in ((64, 96), (33, 200)):
+            xv = torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g) * 5
+            xv[0] = 0  # an all-zero row: eps scale
+            codes, scale = fn(xv, spec)
+            if real._COMPILED.get("failed"):
+                pytest.skip("torch.compile does not work here (no C++ compiler?): --real runs eagerly")
+            want_codes, want_scale = real.quantize_rows(xv, spec)
+            assert torch.equal(codes, want_codes) and torch.equal(scale, want_scale)  # measured: identical
