@@ -115,10 +115,12 @@ MEMORY, MINILM, INSPECT = "eval/runner_memory.json", "eval/minilm_sqnr.json", "e
 
 _RUN = ("normquant run recipes/w8a8_rtn.yaml --no-baseline --windows {w} --output out/w8a8-{w}w && "
         "cp out/w8a8-{w}w/results.json {dst}")
-_BEFORE = ("git worktree add /tmp/nq-87a3d88 87a3d88 && PYTHONPATH=/tmp/nq-87a3d88 python -c 'import sys; "
-           "from normquant.cli import main; sys.exit(main(sys.argv[1:]))' run recipes/w8a8_rtn.yaml --windows {w} "
-           "--output out/w8a8-before-{w}w && cp out/w8a8-before-{w}w/results.json {dst} && git worktree remove "
-           "/tmp/nq-87a3d88")  # the former arithmetic: the commit before the serving stack's activation scale
+# the former arithmetic: the commit before the serving stack's activation scale, run from its own worktree (a
+# `python -c` imports the package of its working directory first, whatever PYTHONPATH says)
+_BEFORE = ("git worktree add /tmp/nq-87a3d88 87a3d88 && d=$(cd {data} && pwd) && (cd /tmp/nq-87a3d88 && "
+           "NORMQUANT_DATA_DIR=$d PYTHONPATH=. python -c 'import sys; from normquant.cli import main; sys.exit(main(sys.argv[1:]))' run "
+           "recipes/w8a8_rtn.yaml --windows {w} --output out/w8a8-before-{w}w) && cp "
+           "/tmp/nq-87a3d88/out/w8a8-before-{w}w/results.json {dst} && git worktree remove --force /tmp/nq-87a3d88")
 COMMANDS = {
     TIMING: "bash scripts/time_readme.sh",
     CORE: f"python scripts/eval_recipes.py --data-dir {DATA} --windows 16 --out eval/core_smollm2 "
@@ -127,8 +129,8 @@ COMMANDS = {
            "eval/w8a8_mixed_smollm2 recipes/w8a8_mixed.yaml",
     W8A8_16: _RUN.format(w=16, dst=W8A8_16),
     W8A8_4: _RUN.format(w=4, dst=W8A8_4),
-    W8A8_BEFORE: _BEFORE.format(w=4, dst=W8A8_BEFORE),
-    W8A8_BEFORE_16: _BEFORE.format(w=16, dst=W8A8_BEFORE_16),
+    W8A8_BEFORE: _BEFORE.format(w=4, dst=W8A8_BEFORE, data=DATA),
+    W8A8_BEFORE_16: _BEFORE.format(w=16, dst=W8A8_BEFORE_16, data=DATA),
     PARITY: f"python scripts/parity_smollm2.py --data-dir {DATA} --windows 4 --out eval/parity_smollm2",
     FLOAT148: f"normquant eval --model smollm2-135m --json --quiet > {FLOAT148}",
     SENSITIVITY: f"normquant sensitivity recipes/w8a8_rtn.yaml --windows 4 --output {SENSITIVITY}",
