@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(ev, model_required=True)
     ev.add_argument("--dataset", default="wikitext2", choices=["wikitext2", "ptb", "c4"])
     ev.add_argument("--json", action="store_true", help="print the JSON record")
-    ev.add_argument("--real", action="store_true", help="run the quantized linears as integer GEMMs (int8 weights "
-                    "and activations; layers that cannot stay fake-quant, listed)")
+    ev.add_argument("--real", action="store_true", help="run the quantized linears for real: int8 GEMMs (int8 "
+                    "weights and activations), other quantized weights held packed (same numbers, less memory)")
     ev.add_argument("--tasks", metavar="TASK[,TASK...]", help="EleutherAI lm-eval tasks instead of perplexity: "
                     "task names or task YAML paths (needs pip install 'normquant[lmeval]')")
     ev.add_argument("--limit", type=int, metavar="N", help="with --tasks: the first N documents of each task")
@@ -304,13 +304,15 @@ def _convert(model) -> dict:
         report = convert(model)
     except QuantError as e:
         raise UserError(str(e)) from None
-    if not report["converted"] and not report["kept"]:
-        raise UserError("--real: the model has no quantized linears (evaluate an export or a quantized model)")
-    reasons = sorted(set(report["kept"].values()))
-    print(f"--real: {len(report['converted'])} linears run as int8 GEMMs, {len(report['kept'])} stay fake-quant"
-          + (f" ({'; '.join(reasons)})" if reasons else ""), file=sys.stderr)
-    return {"converted": len(report["converted"]), "kept": report["kept"],
-            "activation_bits_exact": report["activation_bits"]}
+    if not report["converted"]:
+        raise UserError("--real: the model has no quantized weights (evaluate an export or a quantized model)")
+    kinds = list(report["converted"].values())
+    reasons = sorted(set(report["why_not_int8"].values()))
+    print(f"--real: {kinds.count('int8-gemm')} linears run as int8 GEMMs, {kinds.count('packed-weights')} hold "
+          "packed integer weights" + (f" (not int8 GEMMs: {'; '.join(reasons)})" if reasons else ""),
+          file=sys.stderr)
+    return {"int8_gemm": kinds.count("int8-gemm"), "packed_weights": kinds.count("packed-weights"),
+            "why_not_int8": report["why_not_int8"], "activation_bits_exact": report["activation_bits"]}
 
 
 def _normquant_section(model: str) -> dict:

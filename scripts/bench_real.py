@@ -9,6 +9,8 @@ and the int8-vs-fp32 GEMM ratio over M — ratios measured in one run.
   every embedding scaled by ``1 + 2^-20`` (the spread one float32 rounding causes: the yardstick for real vs
   fake); evaluation tokens/s of fp32, fake and real alternated over ``--repeats`` timed runs of the first
   ``--speed-windows`` windows (best of each).
+* ``packed``: ``recipes/w4a16_g64_rtn.yaml`` converted: the weight bytes held (packed codes + float32 scales) vs
+  float16, and perplexity fake vs packed on ``--packed-windows`` windows (identical by construction).
 * ``gemm``: ``[M, K] x [K, N]`` at SmolLM2's MLP shapes (K=576, N=1536 and K=1536, N=576) for M in ``--m``: the
   oneDNN u8xs8 GEMM (codes and scales given) vs an fp32 matmul, best of ``--gemm-repeats``.
 """
@@ -60,6 +62,24 @@ def gemm(ms: list[int], repeats: int) -> list[dict]:
     return rows
 
 
+def packed(model, ids, recipe: str, windows: int) -> dict:
+    """W4A16 (``recipe``): weight bytes resident after :func:`convert` (packed codes + qparams) vs the same weights
+    in float16, and perplexity fake vs packed (the same float weights rebuilt per call: identical)."""
+    from normquant.quant.linear import QuantLinear
+    from normquant.quant.real import PackedLinear
+
+    fake = quantize(copy.deepcopy(model), load_recipe(recipe), progress=False)
+    fp16 = sum(m.weight.numel() * 2 for m in fake.modules() if isinstance(m, QuantLinear))
+    ppl_fake = evaluate_perplexity(fake, ids, seqlen=2048, windows=windows, progress=False).ppl
+    convert(fake)
+    held = sum(b.nbytes for m in fake.modules() if isinstance(m, PackedLinear) for b in m.buffers())
+    ppl_real = evaluate_perplexity(fake, ids, seqlen=2048, windows=windows, progress=False).ppl
+    print(f"packed {recipe}: {held:,} bytes held vs {fp16:,} float16 ({held / fp16:.3f}x); ppl fake {ppl_fake:.4f}, "
+          f"packed {ppl_real:.4f} ({windows} windows)", flush=True)
+    return {"recipe": recipe, "bytes_held": held, "bytes_float16": fp16, "held_over_float16": held / fp16,
+            "windows": windows, "ppl_fake": ppl_fake, "ppl_packed": ppl_real}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir")
@@ -69,6 +89,8 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="+", default=[16, 64, 256, 1024, 2048, 8192])
     ap.add_argument("--gemm-repeats", type=int, default=5)
     ap.add_argument("--recipe", default="recipes/w8a7_rtn.yaml")
+    ap.add_argument("--packed-recipe", default="recipes/w4a16_g64_rtn.yaml")
+    ap.add_argument("--packed-windows", type=int, default=2)
     ap.add_argument("--out", default="eval/real_cpu.json")
     args = ap.parse_args()
     out = {"environment": environment(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -81,7 +103,7 @@ def main() -> None:
     fake = quantize(copy.deepcopy(model), load_recipe(args.recipe), progress=False)
     real = copy.deepcopy(fake)
     report = convert(real)
-    out["converted"], out["kept"] = len(report["converted"]), report["kept"]
+    out["converted"], out["why_not_int8"] = report["converted"], report["why_not_int8"]
     res = {name: evaluate_perplexity(m, ids, seqlen=2048, windows=args.windows, progress=False)
            for name, m in (("fake", fake), ("real", real))}
     # the yardstick for real vs fake: how far the fake path itself moves when every input changes by one float32
@@ -96,8 +118,11 @@ def main() -> None:
     out["ppl_real_over_fake"] = res["real"].ppl / res["fake"].ppl
     out["ppl_fake_nudged_over_fake"] = res["fake_nudged"].ppl / res["fake"].ppl
     print(f"ppl fake {res['fake'].ppl:.4f}, real {res['real'].ppl:.4f}, fake with inputs x(1+2^-20) "
-          f"{res['fake_nudged'].ppl:.4f} ({len(report['converted'])} linears real, {len(report['kept'])} kept)",
+          f"{res['fake_nudged'].ppl:.4f} ({list(report['converted'].values()).count('int8-gemm')} int8 GEMMs)",
           flush=True)
+    write_json(args.out, out)
+
+    out["packed"] = packed(model, ids, args.packed_recipe, args.packed_windows)
     write_json(args.out, out)
 
     speed_ids = ids[:, : 2048 * args.speed_windows]

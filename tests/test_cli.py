@@ -127,7 +127,7 @@ def test_eval_real_runs_int8_gemms_and_measures_the_fake_paths_perplexity(tiny_d
         out = capsys.readouterr()
         records[bool(flags)] = json.loads(out.out)
     real, fake = records[True], records[False]
-    assert real["real"]["converted"] == 14 and real["real"]["kept"] == {}  # 7 linears x 2 layers; lm_head float
-    assert "14 linears run as int8 GEMMs, 0 stay fake-quant" in out.err
+    assert real["real"]["int8_gemm"] == 14 and real["real"]["packed_weights"] == 0  # 7 linears x 2 layers
+    assert "14 linears run as int8 GEMMs, 0 hold packed integer weights" in out.err
     # codes can flip at rounding ties (tests/test_real.py); measured |Δppl| / ppl 0 .. 1e-5 here
     assert abs(real["ppl"] / fake["ppl"] - 1) < 1e-4, (real["ppl"], fake["ppl"])

@@ -14,8 +14,8 @@ from normquant.methods.kivi import dequantize_keys, quantize_keys, quantize_valu
 from normquant.methods.nsnquant import (adjusted_scale, gaussian_codebook, inverse_nsn, nearest_codeword,
                                         normalize_shift_normalize, vector_quantize)
 from normquant.quant.hadamard import hadamard_matrix
-from normquant.quant.kv import (KVCacheSpec, kv_bits_per_element, kv_cache_of, kv_quantizers, pack_codes,
-                                quantize_token_head, unpack_codes)
+from normquant.quant.kv import KVCacheSpec, kv_bits_per_element, kv_cache_of, kv_quantizers, quantize_token_head
+from normquant.quant.packing import pack_codes, unpack_codes
 from normquant.quant.kv_cache import QuantizedKVCache, QuantizedKVLayer
 from normquant.quant.prefix import set_prefix
 from normquant.quant.primitives import QuantError

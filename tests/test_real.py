@@ -1,6 +1,8 @@
 """Real integer execution (normquant.quant.real): the int8 GEMM computes the fake path's integers."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -40,7 +42,7 @@ def test_real_logits_equal_the_fake_path_to_float32_rounding(inputs):
         report = convert(model)
         real = model(ids).logits
     n_linear = sum(isinstance(m, Int8Linear) for m in model.modules())
-    assert n_linear == len(report["converted"]) == 7 * model.config.num_hidden_layers and not report["kept"]
+    assert n_linear == len(report["converted"]) == 7 * model.config.num_hidden_layers and not report["why_not_int8"]
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
     # Each layer agrees to float32 rounding (next test); through the model, such a rounding difference can move
     # a later layer's x/s across a .5 and flip one activation code by one step, which the logits then carry:
@@ -72,19 +74,50 @@ def test_one_layer_equals_its_quantlinear_to_float32_rounding(bits, static):
     assert (real - fake).abs().max() <= 1e-6 * fake.abs().max() * 64 ** 0.5
 
 
-def test_eight_bit_activations_stay_fake_where_the_cpu_would_saturate():
+def test_eight_bit_activations_get_packed_weights_where_the_cpu_would_saturate():
     model = _quantized({"bits": 8, "granularity": "token", "dynamic": True})
     report = convert(model)
     if exact_activation_bits() == 8:
-        assert not report["kept"]
+        assert set(report["converted"].values()) == {"int8-gemm"}
     else:
-        assert not report["converted"] and all("saturating int16" in why for why in report["kept"].values())
+        assert set(report["converted"].values()) == {"packed-weights"}
+        assert all("saturating int16" in why for why in report["why_not_int8"].values())
 
 
-def test_unsupported_layers_are_kept_with_a_reason():
+def test_asymmetric_activations_get_packed_weights_with_the_reason():
     model = _quantized({"bits": 7, "granularity": "token", "dynamic": True, "symmetric": False})
     report = convert(model)
-    assert not report["converted"] and all("needs symmetric" in why for why in report["kept"].values())
+    assert set(report["converted"].values()) == {"packed-weights"}
+    assert all("needs symmetric" in why for why in report["why_not_int8"].values())
+
+
+@pytest.mark.parametrize("weights", [{"bits": 4, "granularity": "group", "group_size": 16},
+                                     {"bits": 3, "symmetric": False, "granularity": "group", "group_size": 16},
+                                     {"bits": 8, "granularity": "channel"}], ids=["w4g16", "w3g16-asym", "w8"])
+def test_packed_weights_compute_the_fake_path_bit_for_bit_in_less_memory(weights):
+    from normquant.quant.real import PackedLinear
+
+    model = tiny_model("llama")
+    recipe = parse_recipe({"scheme": {"ignore": ["lm_head"], "weights": weights}, "steps": ["rtn"]})
+    quantize(model, recipe, progress=False)
+    ids = tiny_inputs(model)
+    fp16_bytes = sum(m.weight.numel() * 2 for m in model.modules() if isinstance(m, QuantLinear))
+    with torch.no_grad():
+        fake = model(ids).logits
+        report = convert(model)
+        real = model(ids).logits
+    assert set(report["converted"].values()) == {"packed-weights"}
+    assert torch.equal(real, fake)  # measured: identical (the same float weight, rebuilt from the codes)
+    held = sum(b.nbytes for m in model.modules() if isinstance(m, PackedLinear) for b in m.buffers())
+    bits, asym = weights["bits"], not weights.get("symmetric", True)
+    want = 0  # int32 words of dense codes, one float32 scale (+ int16 zero point) per qparam row
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            n, k = m.shape
+            rows = n if weights["granularity"] == "channel" else n * k // weights["group_size"]
+            want += n * math.ceil(k * bits / 32) * 4 + rows * (4 + 2 * asym)
+    print(f"{weights}: held {held} bytes = {held / fp16_bytes:.3f} x float16")
+    assert held == want  # tiny llama (K = 32, 64): w4g16 0.375x float16, w8 per channel 0.556x
 
 
 def test_a_prefixquant_model_is_refused_in_one_line():

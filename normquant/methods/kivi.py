@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from normquant.quant.kv import (KVCacheSpec, KVQuantizer, dequantize_minmax, minmax_qparams, pack_codes, packed_width,
-                                quantize_minmax, register_kv_method, scale_dtype, unpack_codes)
+from normquant.quant.kv import (KVCacheSpec, KVQuantizer, dequantize_minmax, minmax_qparams, quantize_minmax,
+                                register_kv_method, scale_dtype)
+from normquant.quant.packing import pack_codes, packed_width, unpack_codes
 
 
 def quantize_keys(k: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype

@@ -28,8 +28,9 @@ import functools
 
 import torch
 
-from normquant.quant.kv import (KVCacheSpec, KVQuantizer, dequantize_minmax, head_hadamard, minmax_qparams, pack_codes,
-                                packed_width, quantize_minmax, register_kv_method, unpack_codes)
+from normquant.quant.kv import (KVCacheSpec, KVQuantizer, dequantize_minmax, head_hadamard, minmax_qparams,
+                                quantize_minmax, register_kv_method)
+from normquant.quant.packing import pack_codes, packed_width, unpack_codes
 from normquant.quant.primitives import QuantError
 
 SUBVECTOR = 8  # dimensions per codeword

@@ -17,7 +17,6 @@ dynamic arithmetic (below), so an export's ``kv_cache_scheme`` describes exactly
 from __future__ import annotations
 
 import functools
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -26,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from normquant.quant.hadamard import hadamard_matrix
-from normquant.quant.packing import pack_to_int32, unpack_from_int32
+from normquant.quant.packing import pack_codes, packed_width, unpack_codes
 from normquant.quant.primitives import serving_qparams_view
 from normquant.quant.spec import QuantSpec
 
@@ -125,27 +124,6 @@ def stored_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``scale`` rounded to its storage ``dtype`` (never below that dtype's smallest normal), so codes are computed
     with the scale that will be read back."""
     return scale.to(dtype).clamp_(min=torch.finfo(dtype).tiny)
-
-
-def packed_width(head_dim: int, bits: int) -> int:
-    """int32 words holding one token-head's ``head_dim`` codes of ``bits`` bits (dense, compressed-tensors' order)."""
-    return math.ceil(head_dim * bits / 32)
-
-
-def pack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    """Integer codes ``[..., D]`` -> int32 words ``[..., packed_width(D, bits)]`` (unsigned codes are shifted by
-    ``-2^(b-1)`` onto the signed grid :func:`normquant.quant.packing.pack_to_int32` takes)."""
-    shape = codes.shape
-    signed_codes = codes if signed else codes - 2 ** (bits - 1)
-    return pack_to_int32(signed_codes.reshape(-1, shape[-1]), bits).reshape(*shape[:-1], -1)
-
-
-def unpack_codes(words: torch.Tensor, bits: int, head_dim: int, signed: bool) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: int32 ``[..., W]`` -> float codes ``[..., head_dim]``."""
-    shape = words.shape
-    codes = unpack_from_int32(words.reshape(-1, shape[-1]), bits, (words[..., 0].numel(), head_dim)).float()
-    codes = codes if signed else codes + 2 ** (bits - 1)
-    return codes.reshape(*shape[:-1], head_dim)
 
 
 class KVQuantizer(ABC):

@@ -64,3 +64,24 @@ def unpack_from_int32(packed: torch.Tensor, bits: int, shape: tuple[int, int], d
         u[i] = value & (2**bits - 1)
     u = u.permute(1, 2, 0).reshape(rows, n_groups * 32)  # [rows, G*32]
     return (u[:, :cols] - 2 ** (bits - 1)).to(torch.int8)
+
+
+def packed_width(n: int, bits: int) -> int:
+    """int32 words holding ``n`` codes of ``bits`` bits (dense, compressed-tensors' order)."""
+    return math.ceil(n * bits / 32)
+
+
+def pack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Integer codes ``[..., D]`` -> int32 words ``[..., packed_width(D, bits)]`` (unsigned codes are shifted by
+    ``-2^(b-1)`` onto the signed grid :func:`pack_to_int32` takes): KV caches, packed weights of --real."""
+    shape = codes.shape
+    signed_codes = codes if signed else codes - 2 ** (bits - 1)
+    return pack_to_int32(signed_codes.reshape(-1, shape[-1]), bits).reshape(*shape[:-1], -1)
+
+
+def unpack_codes(words: torch.Tensor, bits: int, n: int, signed: bool) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int32 ``[..., W]`` -> float codes ``[..., n]``."""
+    shape = words.shape
+    codes = unpack_from_int32(words.reshape(-1, shape[-1]), bits, (words[..., 0].numel(), n)).float()
+    codes = codes if signed else codes + 2 ** (bits - 1)
+    return codes.reshape(*shape[:-1], n)

@@ -1,8 +1,9 @@
 """Real integer execution (``convert``): quantized linears run as integer GEMMs instead of fake-quant.
 
-:func:`convert` replaces every :class:`~normquant.quant.linear.QuantLinear` it can run for real with an
-:class:`Int8Linear` and leaves the others as they are (fake-quant), saying which and why. The fake path stays the
-reference: the real one computes the same integers.
+:func:`convert` replaces every :class:`~normquant.quant.linear.QuantLinear` it can run as an integer GEMM with
+an :class:`Int8Linear`, every other quantized weight with a :class:`PackedLinear` (the weight held packed at its
+bit width, dequantized per call: the fake path's numbers, bit for bit, in a fraction of the memory), and says
+which and why. The fake path stays the reference: the real one computes the same integers.
 
 **Int8Linear** (W8A8 on CPU): int8 symmetric weights (per output channel or per tensor; the codes of
 :meth:`QuantLinear.integer_weight`) and symmetric activations — dynamic per token with compressed-tensors'
@@ -29,12 +30,14 @@ import logging
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from normquant.messages import one_line
 from normquant.quant.linear import QuantLinear
 from normquant.quant.prefix import prefix_of
-from normquant.quant.primitives import QuantError, activation_view, serving_qparams_view
+from normquant.quant.packing import pack_codes, unpack_codes
+from normquant.quant.primitives import QuantError, activation_view, dequantize, serving_qparams_view
 
 log = logging.getLogger(__name__)
 
@@ -161,23 +164,65 @@ class Int8Linear(nn.Module):
                 f"int8 x {self.input_spec.short()}")
 
 
+class PackedLinear(nn.Module):
+    """A quantized linear whose weight is held as its integer codes, packed at their bit width (int32 words,
+    :func:`normquant.quant.packing.pack_to_int32`), with its float32 scales (and zero points when asymmetric);
+    each call dequantizes ``s (q - z)`` — the very float weight the QuantLinear held — and runs a float GEMM, so
+    outputs are bit-identical to the fake path while the resident weight shrinks to ``bits/8`` bytes per element
+    plus qparams (W4 g64 symmetric: 0.56 bytes, 0.28x float16). Input activations keep the QuantLinear's
+    (fake-quant) quantizer and online transform."""
+
+    def __init__(self, ql: QuantLinear):
+        super().__init__()
+        codes, scale, zero = ql.integer_weight()  # [N, K] on normquant's grid; [n, 1] on the reduction view
+        self.spec, self.shape, self.dtype = ql.weight_spec, tuple(codes.shape), ql.weight.dtype
+        self.register_buffer("weight_packed", pack_codes(codes.int(), self.spec.bits, self.spec.symmetric))
+        self.register_buffer("weight_scale", scale.float())
+        self.register_buffer("weight_zero_point", None if self.spec.symmetric else zero.to(torch.int16))
+        self.bias = ql.bias
+        self.input_quant, self.input_transform = ql.input_quant, ql.input_transform
+
+    def weight(self) -> torch.Tensor:
+        """``s (q - z)`` ``[N, K]`` in the model's dtype: the fake path's weight, bit for bit (tested)."""
+        q = unpack_codes(self.weight_packed, self.spec.bits, self.shape[1], self.spec.symmetric)
+        zero = torch.zeros_like(self.weight_scale) if self.weight_zero_point is None else self.weight_zero_point
+        return dequantize(q, self.weight_scale, zero.float(), self.spec).to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return F.linear(x, self.weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.shape[1]}, out={self.shape[0]}, w={self.spec.short()} packed"
+
+
 def convert(model: nn.Module) -> dict:
-    """Replace every QuantLinear that can run as an int8 GEMM here by an :class:`Int8Linear` (in place); return
-    ``{"converted": [names], "kept": {name: why}, "activation_bits": b}``. Layers kept stay fake-quant."""
+    """Run the quantized linears of ``model`` for real, in place: an :class:`Int8Linear` where the int8 GEMM
+    applies here, else a :class:`PackedLinear` (packed weights, the same outputs) for every quantized weight;
+    QuantLinears with float weights stay as they are. Returns ``{"converted": {name: "int8-gemm" |
+    "packed-weights"}, "kept": {name: why}, "why_not_int8": {name: why}, "activation_bits": b}``."""
     if prefix_of(model) is not None:
         raise QuantError("this model has a PrefixQuant prefix, whose positions the integer GEMM would quantize: "
                          "evaluate it without --real")
     bits = exact_activation_bits()
-    report: dict = {"converted": [], "kept": {}, "activation_bits": bits}
+    report: dict = {"converted": {}, "kept": {}, "why_not_int8": {}, "activation_bits": bits}
     for name, module in list(model.named_modules()):
         if not isinstance(module, QuantLinear):
             continue
         why = why_not_int8(module, bits)
-        if why:
+        if not why:
+            real, kind = Int8Linear.from_quant(module), "int8-gemm"
+        elif module.weight_spec is not None and module.weight_quantized:
+            real, kind = PackedLinear(module), "packed-weights"
+            report["why_not_int8"][name] = why
+        else:
             report["kept"][name] = why
             continue
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, Int8Linear.from_quant(module))
-        report["converted"].append(name)
+        setattr(model.get_submodule(parent) if parent else model, child, real)
+        report["converted"][name] = kind
     return report
 
