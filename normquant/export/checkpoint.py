@@ -93,8 +93,7 @@ def compressed_checkpoint(model: nn.Module) -> tuple[dict[str, torch.Tensor], di
     quantized = [name for g in groups for name in g.modules]
     ignore = [name for name, m in model.named_modules() if is_linear(m) and name not in quantized]
     transforms, tensors = transform_config(model)  # first: refuses what compressed-tensors cannot express
-    kv_scheme = None if kv is None else kv_cache_args(kv, head_dim_of(model.config))[0]
-    qconfig = quantization_config(groups, ignore, transforms, kv_scheme)
+    qconfig = quantization_config(groups, ignore, transforms)  # kv_cache_scheme stays null: normquant.serving
     for name in quantized:
         for key, t in compress_linear(model.get_submodule(name), name).items():
             tensors[f"{name}.{key}"] = t
@@ -166,8 +165,9 @@ def _write_export(model: nn.Module, tokenizer: Any, directory: Path, extra_metad
     if prefix is not None:  # PrefixQuant: part of the quantized model (normquant.quant.prefix)
         config["normquant"]["prefix_ids"] = prefix.tolist()
     kv = kv_cache_of(model)
-    if kv is not None:  # the recipe's scheme.kv_cache, for every cache compressed-tensors can express or not
+    if kv is not None:  # the recipe's scheme.kv_cache; the compressed-tensors args where they exist (not applied)
         config["normquant"]["kv_cache"] = kv.model_dump()
+        config["normquant"]["kv_cache_scheme"] = kv_cache_args(kv, head_dim_of(model.config))[0]
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if getattr(model, "generation_config", None) is not None and model.can_generate():
@@ -259,7 +259,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     install_transforms(model, transforms, matrices, str(weights))
     if raw["normquant"].get("prefix_ids") is not None:  # PrefixQuant (the manifest covers this section)
         set_prefix(model, raw["normquant"]["prefix_ids"])
-    set_kv_cache(model, _read_kv_cache(raw, qconfig, head_dim_of(model.config), str(path / "config.json")))
+    set_kv_cache(model, _read_kv_cache(raw, qconfig, str(path / "config.json")))
     tokenizer = None
     if (path / "tokenizer_config.json").exists():
         try:
@@ -270,23 +270,20 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     return model.to(device).eval(), tokenizer
 
 
-def _read_kv_cache(raw: dict, qconfig: dict, head_dim: int, where: str) -> KVCacheSpec | None:
-    """The export's KV-cache spec (``normquant.kv_cache``), checked against ``kv_cache_scheme``."""
+def _read_kv_cache(raw: dict, qconfig: dict, where: str) -> KVCacheSpec | None:
+    """The export's KV-cache spec (``normquant.kv_cache``); normquant never writes ``kv_cache_scheme``."""
     from pydantic import ValidationError
 
+    if qconfig.get("kv_cache_scheme") is not None:
+        raise ExportError(f"{where}: quantization_config.kv_cache_scheme is set, but normquant exports carry their "
+                          "KV cache in normquant.kv_cache only; the config was edited: restore it or re-export")
     data = raw["normquant"].get("kv_cache")
     try:
-        spec = None if data is None else KVCacheSpec.model_validate(data)
+        return None if data is None else KVCacheSpec.model_validate(data)
     except (ValidationError, TypeError) as e:
         msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
         raise ExportError(f"{where}: normquant.kv_cache is not a valid KV-cache spec ({one_line(msg, 120)}); "
                           "re-export") from None
-    expected = None if spec is None else kv_cache_args(spec, head_dim)[0]
-    if qconfig.get("kv_cache_scheme") != expected:
-        raise ExportError(f"{where}: quantization_config.kv_cache_scheme {show(qconfig.get('kv_cache_scheme'))} "
-                          f"does not describe normquant.kv_cache {show(data)}; the config was edited: restore it or "
-                          "re-export")
-    return spec
 
 
 def _install_quant_linears(model: nn.Module, tensors: dict[str, torch.Tensor], qconfig: dict,

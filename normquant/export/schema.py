@@ -2,8 +2,8 @@
 
 ``config.json["quantization_config"]`` follows compressed-tensors 0.20 (``QuantizationConfig``): one config
 group per distinct ``(weight spec, input spec)``, each targeting its modules by exact name, plus ``ignore``
-(every other linear). Specs map to ``QuantizationArgs`` by :func:`quantization_args`; a per-token-head KV cache is
-its ``kv_cache_scheme`` (:func:`kv_cache_args`).
+(every other linear). Specs map to ``QuantizationArgs`` by :func:`quantization_args` (a KV cache's args:
+:func:`kv_cache_args`, recorded in the ``normquant`` section only).
 
 Format per config group (compressed-tensors' own inference, ``compressors/format.py``, except that <= 4-bit
 weights are always packed): ``int-quantized`` for > 4-bit weights with quantized inputs (W8A8),
@@ -69,10 +69,14 @@ def quantization_args(spec: QuantSpec, role: str) -> dict[str, Any]:
 
 
 def kv_cache_args(spec: KVCacheSpec, head_dim: int) -> tuple[dict[str, Any] | None, str]:
-    """``(kv_cache_scheme, why not)``: compressed-tensors ``QuantizationArgs`` dict of a KV-cache spec —
-    per-token-head RTN is its dynamic ``group`` strategy with ``group_size = head_dim`` (one group per token per head
-    of the ``[B, H, T, D]`` keys / values it quantizes; the arithmetic of :mod:`normquant.quant.kv`) — or ``None``
-    and the reason where the schema cannot express the cache."""
+    """``(args, why not)``: compressed-tensors ``QuantizationArgs`` dict of a KV-cache spec — per-token-head RTN is
+    its dynamic ``group`` strategy with ``group_size = head_dim`` (one group per token per head of the
+    ``[B, H, T, D]`` keys / values it quantizes; the arithmetic of :mod:`normquant.quant.kv`, tested against
+    compressed-tensors' functions) — or ``None`` and the reason where the schema cannot express the cache.
+
+    Exports record these args as ``normquant.kv_cache_scheme`` but leave ``quantization_config.kv_cache_scheme``
+    null: vLLM (0.33) refuses to load a checkpoint whose kv_cache_scheme is not 8-bit float with strategy tensor
+    or attn_head (NotImplementedError), and compressed-tensors 0.20.1 applies none under transformers 5.24."""
     why = ("KIVI's per-channel key groups" if spec.method == "kivi" else
            "NSNQuant's vector quantization" if spec.method == "nsn" else
            f"a float window of the {spec.residual} most recent tokens" if spec.residual else
@@ -123,11 +127,11 @@ class ConfigGroup:
         return weight_format(self.weight_spec, self.input_spec)
 
 
-def quantization_config(groups: list[ConfigGroup], ignore: list[str], transform_config: dict[str, Any] | None = None,
-                        kv_cache_scheme: dict[str, Any] | None = None) -> dict[str, Any]:
+def quantization_config(groups: list[ConfigGroup], ignore: list[str],
+                        transform_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``quantization_config`` of these groups (``group_0``, ``group_1``, ... in order) and online transforms
-    (:func:`normquant.export.transforms.transform_config`) and KV cache (:func:`kv_cache_args`); refuses
-    (:class:`ExportError`) specs compressed-tensors cannot express."""
+    (:func:`normquant.export.transforms.transform_config`); refuses (:class:`ExportError`) specs compressed-tensors
+    cannot express. ``kv_cache_scheme`` stays null (:func:`kv_cache_args`)."""
     config_groups = {
         f"group_{i}": {
             "targets": g.modules,
@@ -144,7 +148,7 @@ def quantization_config(groups: list[ConfigGroup], ignore: list[str], transform_
         "format": formats.pop() if len(formats) == 1 else MIXED_PRECISION if formats else DENSE,
         "config_groups": config_groups,
         "ignore": ignore,
-        "kv_cache_scheme": kv_cache_scheme,
+        "kv_cache_scheme": None,
         "quantization_status": "compressed",
         "global_compression_ratio": None,
         "sparsity_config": {},

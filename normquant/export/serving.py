@@ -22,13 +22,12 @@ cannot be run that way, and :func:`serving_notes` says which and why, in ``confi
   ``clip_ratio`` compressed-tensors has no field for, asymmetric packed weights with quantized inputs, a KV
   cache it does not quantize). ``notes`` name the modules.
 
-A quantized KV cache (``scheme.kv_cache``, ``config.json`` ``normquant.kv_cache``) is exported as
-``kv_cache_scheme`` where compressed-tensors can express it (per-token-head RTN, :func:`kv_cache_args`; its
-arithmetic is normquant's, ``tests/test_parity.py``), and only counts as served when the installed
-compressed-tensors finds the model's attention modules (:func:`compressed_tensors_applies_kv_cache`): 0.20.1 looks
-for a ``past_key_values`` argument, which transformers 5.24's attention renamed ``cache``, so there the KV cache
-runs in float (compressed-tensors 0.19 with transformers 5.17 applies it). KIVI, NSN, a float residual window and
-R3 have no ``kv_cache_scheme``. ``normquant eval`` on the export always applies ``normquant.kv_cache``.
+A quantized KV cache (``scheme.kv_cache``) travels as ``config.json`` ``normquant.kv_cache`` (and its
+compressed-tensors args as ``normquant.kv_cache_scheme`` where they exist), never as
+``quantization_config.kv_cache_scheme``: vLLM 0.33 refuses to load any kv_cache_scheme but 8-bit float, and
+compressed-tensors 0.20.1 hooks no attention module under transformers 5.24 (its forward takes ``cache``, not
+``past_key_values``: ``tests/test_parity.py`` checks that writing one changes nothing there). Such an export is
+``parity: none``; ``normquant eval`` applies the cache.
 
 >>> serving_notes(model, qconfig, tensors)                                        # doctest: +SKIP
 {'parity': 'exact', 'load': 'AutoModelForCausalLM.from_pretrained(path)', 'notes': []}
@@ -40,10 +39,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from normquant.export.schema import PACK_QUANTIZED, kv_cache_args
+from normquant.export.schema import PACK_QUANTIZED
 from normquant.export.transforms import read_transform_config, transform_tensor_names
 from normquant.quant.linear import QuantLinear
-from normquant.quant.kv import KVCacheSpec, head_dim_of, kv_cache_of, scale_dtype
+from normquant.quant.kv import KVCacheSpec, kv_cache_of
 from normquant.quant.prefix import prefix_of
 
 LOAD_DEFAULT = "AutoModelForCausalLM.from_pretrained(path)"
@@ -71,39 +70,14 @@ def vanilla_keys(model: nn.Module) -> set[str] | None:
     return {k for k in every if k in unique}
 
 
-def compressed_tensors_applies_kv_cache(model: nn.Module) -> bool | None:
-    """Whether the installed compressed-tensors would hook a ``kv_cache_scheme`` into ``model``'s attention modules
-    (its own test, ``is_cached_attention_module``); None when compressed-tensors is not installed."""
-    try:
-        from compressed_tensors.quantization.lifecycle.initialize import is_cached_attention_module
-    except ImportError:
-        return None
-    return any(is_cached_attention_module(m) for m in model.modules())
-
-
-def _kv_cache_notes(model: nn.Module, kv: KVCacheSpec, dtype: torch.dtype) -> tuple[str, list[str]]:
-    """``(exact | approximate | none, notes)`` for the export's KV cache ``kv``."""
-    scheme, why = kv_cache_args(kv, head_dim_of(model.config))
-    eval_note = "normquant eval applies it (config.json normquant.kv_cache)"
-    if scheme is None:
-        return "none", [f"KV cache {kv.short()}: compressed-tensors has no kv_cache_scheme for {why}, so transformers "
-                        f"and vLLM run this export with a float KV cache; {eval_note}"]
-    applies = compressed_tensors_applies_kv_cache(model)
-    if applies is False:
-        import compressed_tensors
-        import transformers
-
-        return "none", [f"KV cache {kv.short()} is quantization_config.kv_cache_scheme, but compressed-tensors "
-                        f"{compressed_tensors.__version__} finds no attention module of {type(model).__name__} to "
-                        f"apply it to under transformers {transformers.__version__} (it hooks attention modules whose "
-                        f"forward takes past_key_values): the KV cache runs in float there; {eval_note}"]
-    notes = [] if applies else [f"KV cache {kv.short()}: compressed-tensors is not installed, so whether it applies "
-                                "kv_cache_scheme to this model was not checked"]
-    if scale_dtype(kv) != dtype:
-        name = str(scale_dtype(kv)).replace("torch.", "")
-        return "approximate", notes + [f"KV cache scales are {name} in normquant and {dtype} in compressed-tensors "
-                                       f"(scheme.kv_cache.scale_dtype: {str(dtype).replace('torch.', '')} matches)"]
-    return "exact", notes
+def _kv_cache_notes(kv: KVCacheSpec) -> list[str]:
+    """What serving stacks do with the export of a model whose KV cache is ``kv`` (parity: none)."""
+    vllm = ("vLLM's own int8 per-token-head cache (--kv-cache-dtype int8_per_token_head) is the nearest: "
+            "absmax/127 scales, rounding half away from zero" if kv.method == "rtn" and kv.bits == 8 else
+            "vLLM has no such cache")
+    return [f"KV cache {kv.short()} (config.json normquant.kv_cache): quantization_config.kv_cache_scheme is left "
+            "null (vLLM 0.33 refuses int KV schemes; compressed-tensors 0.20.1 applies none under transformers "
+            f"5.24), so transformers runs this export with a float KV cache; {vllm}; normquant eval applies it"]
 
 
 def serving_notes(model: nn.Module, qconfig: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -157,13 +131,8 @@ def serving_notes(model: nn.Module, qconfig: dict[str, Any], tensors: dict[str, 
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     kv = kv_cache_of(model)
     if kv is not None:
-        kv_parity, kv_notes = _kv_cache_notes(model, kv, dtype)
-        notes += kv_notes
-        if kv_parity == "none":
-            parity = "none"
-        elif kv_parity == "approximate" and parity != "none":
-            parity = {"exact": "approximate", "exact-with-dequantize": "approximate-with-dequantize"}.get(parity,
-                                                                                                        parity)
+        parity = "none"
+        notes += _kv_cache_notes(kv)
     if dtype in (torch.float16, torch.bfloat16) and parity != "none":
         parity = {"exact": "approximate", "exact-with-dequantize": "approximate-with-dequantize"}[parity]
         name = str(dtype).replace("torch.", "")

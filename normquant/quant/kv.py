@@ -12,7 +12,8 @@ with :func:`register_kv_method` and is imported with the steps (:func:`normquant
 
 ``rtn`` with ``granularity: token_head`` is the layout of vLLM's per-token-head INT8/INT4 KV caches: one scale
 (and zero point when asymmetric) per token per KV head, over its ``head_dim`` values, with compressed-tensors'
-dynamic arithmetic (below), so an export's ``kv_cache_scheme`` describes exactly this cache.
+dynamic arithmetic (below), so compressed-tensors' args for it (:func:`normquant.export.schema.kv_cache_args`)
+describe exactly this cache.
 """
 from __future__ import annotations
 
@@ -166,7 +167,7 @@ def dequantize_minmax(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torc
 
 # ---------------------------------------------------------------------------------------------- rtn per token-head
 # compressed-tensors' dynamic activation arithmetic (normquant.quant.primitives, "serving" functions) per token-head:
-# the computation compressed-tensors applies for a ``kv_cache_scheme`` with the ``group`` strategy and
+# the computation compressed-tensors applies for a kv_cache_scheme with the ``group`` strategy and
 # ``group_size = head_dim`` (normquant.export.schema.kv_cache_args), on the signed grid [-2^(b-1), 2^(b-1)-1]:
 #   symmetric  s = absmax / ((2^b - 1) / 2),   z = 0
 #   asymmetric s = (max - min) / (2^b - 1),    z = round(clamp(-2^(b-1) - min / s))      (the range holds 0)
