@@ -206,6 +206,21 @@ def test_export_with_dynamic_clip_ratio_says_compressed_tensors_ignores_it(tmp_p
     assert serving["parity"] == "none" and "clip_ratio" in serving["notes"][0]
 
 
+def test_static_exports_say_what_vllm_does_differently(tmp_path):
+    """vLLM (0.33.0's loader, read not run): one input scale per fused q/k/v and gate/up module — normquant's
+    calibration gives the shards equal scales (they read the same input), and an export says when they are not —
+    and a static asymmetric zero point recomputed by truncation."""
+    model, _, path = _quantized_export("w8a8-static-asym", tmp_path)
+    vllm = json.loads((path / "config.json").read_text())["normquant"]["serving"]["vllm"]
+    assert len(vllm) == 1 and "truncation" in vllm[0]  # no fused-scale note: the shards' scales are equal
+    attn = model.model.layers[0].self_attn
+    assert torch.equal(attn.q_proj.input_quant.scale, attn.k_proj.input_quant.scale)
+    attn.k_proj.input_quant.scale = attn.k_proj.input_quant.scale * 2
+    again = export_model(model, None, tmp_path / "edited")
+    vllm = json.loads((again / "config.json").read_text())["normquant"]["serving"]["vllm"]
+    assert any("model.layers.0.self_attn.qkv" in n and "last shard" in n for n in vllm), vllm
+
+
 def test_bfloat16_export_says_parity_is_approximate(tmp_path):
     """compressed-tensors holds float32 scales in the model's dtype: one bf16 ulp apart (measured 3.9e-3 logits)."""
     model = tiny_model("llama", dtype=torch.bfloat16)

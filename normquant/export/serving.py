@@ -29,8 +29,12 @@ compressed-tensors 0.20.1 hooks no attention module under transformers 5.24 (its
 ``past_key_values``: ``tests/test_parity.py`` checks that writing one changes nothing there). Such an export is
 ``parity: none``; ``normquant eval`` applies the cache.
 
+``vllm`` lists what vLLM (0.33.0's compressed-tensors loader, read, not run: no GPU here) computes differently:
+one input scale per fused q/k/v and gate/up module (the last shard loaded wins; noted when normquant's differ)
+and static asymmetric zero points recomputed by truncation.
+
 >>> serving_notes(model, qconfig, tensors)                                        # doctest: +SKIP
-{'parity': 'exact', 'load': 'AutoModelForCausalLM.from_pretrained(path)', 'notes': []}
+{'parity': 'exact', 'load': 'AutoModelForCausalLM.from_pretrained(path)', 'notes': [], 'vllm': []}
 """
 from __future__ import annotations
 
@@ -143,4 +147,28 @@ def serving_notes(model: nn.Module, qconfig: dict[str, Any], tensors: dict[str, 
     if transforms and load is not None:
         parity += "-and-transforms" if "-with-" in parity else "-with-transforms"
         load = f"{load}, then {APPLY_TRANSFORMS}"
-    return {"parity": parity, "engine": "transformers + compressed-tensors", "load": load, "notes": notes}
+    return {"parity": parity, "engine": "transformers + compressed-tensors", "load": load, "notes": notes,
+            "vllm": vllm_notes(model)}
+
+
+def vllm_notes(model: nn.Module) -> list[str]:
+    """Where vLLM (0.33.0, from reading its compressed-tensors loader; not run here) computes something else."""
+    notes = []
+    static_asym = sorted(n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_quant
+                         is not None and not m.input_quant.spec.dynamic and not m.input_quant.spec.symmetric)
+    if static_asym:
+        notes.append(f"static asymmetric input quantization on {_names(static_asym)}: vLLM rebuilds the range from "
+                     "input_scale / input_zero_point and recomputes the zero point by truncation, which can sit one "
+                     "level from normquant's")
+    fused = {}  # vLLM fuses q/k/v and gate/up into one module with one input scale: the last shard loaded wins
+    for n, m in model.named_modules():
+        if isinstance(m, QuantLinear) and m.input_quant is not None and m.input_quant.scale is not None:
+            parent, _, leaf = n.rpartition(".")
+            group = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+            if leaf in group:
+                fused.setdefault((parent, group[leaf]), set()).add(tuple(m.input_quant.scale.flatten().tolist()))
+    unequal = sorted(f"{parent}.{g}" for (parent, g), scales in fused.items() if len(scales) > 1)
+    if unequal:
+        notes.append(f"static input scales differ inside fused modules {_names(unequal)}: vLLM keeps one per fused "
+                     "module (the last shard loaded)")
+    return notes
