@@ -221,6 +221,14 @@ def test_static_exports_say_what_vllm_does_differently(tmp_path):
     assert any("model.layers.0.self_attn.qkv" in n and "last shard" in n for n in vllm), vllm
 
 
+@pytest.mark.parametrize("kind, why", [("w8a8-asym-dynamic", "symmetric"), ("w4a16-tensor-asym", "not tensor"),
+                                       ("w4a8-g16-dynamic", "quantized inputs")])
+def test_exports_vllm_cannot_load_say_so(tmp_path, kind, why):
+    _, _, path = _quantized_export(kind, tmp_path)
+    vllm = json.loads((path / "config.json").read_text())["normquant"]["serving"]["vllm"]
+    assert any("no vLLM scheme loads it" in n and why in n for n in vllm), vllm
+
+
 def test_bfloat16_export_says_parity_is_approximate(tmp_path):
     """compressed-tensors holds float32 scales in the model's dtype: one bf16 ulp apart (measured 3.9e-3 logits)."""
     model = tiny_model("llama", dtype=torch.bfloat16)

@@ -29,9 +29,11 @@ compressed-tensors 0.20.1 hooks no attention module under transformers 5.24 (its
 ``past_key_values``: ``tests/test_parity.py`` checks that writing one changes nothing there). Such an export is
 ``parity: none``; ``normquant eval`` applies the cache.
 
-``vllm`` lists what vLLM (0.33.0's compressed-tensors loader, read, not run: no GPU here) computes differently:
-one input scale per fused q/k/v and gate/up module (the last shard loaded wins; noted when normquant's differ)
-and static asymmetric zero points recomputed by truncation.
+``vllm`` lists what vLLM (0.33.0's compressed-tensors loader, read, not run: no GPU here) cannot load (no scheme
+takes the group: asymmetric W8A8 weights, per-tensor packed weights, packed weights with quantized inputs) or
+computes differently: one input scale per fused q/k/v and gate/up module (the last shard loaded wins; noted when
+normquant's differ) and static asymmetric zero points recomputed by truncation (``scripts/export_layout.py``
+checks every exported tensor against the parameters vLLM creates: ``eval/export_layout.md``).
 
 >>> serving_notes(model, qconfig, tensors)                                        # doctest: +SKIP
 {'parity': 'exact', 'load': 'AutoModelForCausalLM.from_pretrained(path)', 'notes': [], 'vllm': []}
@@ -148,12 +150,39 @@ def serving_notes(model: nn.Module, qconfig: dict[str, Any], tensors: dict[str, 
         parity += "-and-transforms" if "-with-" in parity else "-with-transforms"
         load = f"{load}, then {APPLY_TRANSFORMS}"
     return {"parity": parity, "engine": "transformers + compressed-tensors", "load": load, "notes": notes,
-            "vllm": vllm_notes(model)}
+            "vllm": vllm_notes(model, qconfig)}
 
 
-def vllm_notes(model: nn.Module) -> list[str]:
-    """Where vLLM (0.33.0, from reading its compressed-tensors loader; not run here) computes something else."""
+def vllm_scheme(group: dict) -> tuple[str | None, str]:
+    """``(scheme, why not)``: the vLLM 0.33.0 compressed-tensors scheme that takes a config ``group`` (its routing in
+    ``compressed_tensors.py``, read not run), or None and why no int scheme does."""
+    w, a, fmt = group["weights"], group["input_activations"], group["format"]
+    if w is None:
+        return None, "activation-only quantization has no int scheme"
+    if fmt == "int-quantized":
+        if w["num_bits"] != 8 or not w["symmetric"] or w["strategy"] not in ("tensor", "channel"):
+            return None, "W8A8 int8 needs 8-bit symmetric per-tensor or per-channel weights"
+        if a is None or a["num_bits"] != 8 or (a["strategy"], a["dynamic"]) not in (("token", True),
+                                                                                      ("tensor", False)):
+            return None, "W8A8 int8 needs 8-bit dynamic per-token or static per-tensor inputs"
+        return "CompressedTensorsW8A8Int8", ""
+    if fmt == "pack-quantized":
+        if a is not None:
+            return None, "packed weights with quantized inputs have no int scheme"
+        if w["strategy"] not in ("channel", "group"):
+            return None, f"WNA16 needs per-channel or group weights, not {w['strategy']}"
+        return "CompressedTensorsWNA16", ""
+    return None, f"format {fmt} has no int scheme"
+
+
+def vllm_notes(model: nn.Module, qconfig: dict[str, Any]) -> list[str]:
+    """Where vLLM (0.33.0, from reading its compressed-tensors loader; not run here) computes something else, or
+    cannot load the export."""
     notes = []
+    for name, group in qconfig["config_groups"].items():
+        scheme, why = vllm_scheme({**group, "format": group.get("format") or qconfig["format"]})
+        if scheme is None:
+            notes.append(f"{name} ({_names(group['targets'])}): no vLLM scheme loads it ({why})")
     static_asym = sorted(n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_quant
                          is not None and not m.input_quant.spec.dynamic and not m.input_quant.spec.symmetric)
     if static_asym:
