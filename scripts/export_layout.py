@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from normquant.evaluation.records import git_commit  # noqa: E402
 from normquant.export.serving import vllm_scheme  # noqa: E402
 from tests.test_parity import KINDS, _quantized_export  # noqa: E402  (the export kinds the parity tests run)
 
@@ -65,8 +66,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     lines = ["# Export tensors vs vLLM's compressed-tensors loader (`scripts/export_layout.py`)", "",
-             "vLLM 0.33.0 read from its source, not run (no GPU in this session); tiny llama exports of every parity "
-             "kind. `ok`: name, dtype and shape as vLLM creates the parameter (scales of any float dtype load).", "",
+             f"Commit `{git_commit()}`. vLLM 0.33.0 read from its source, not run (no GPU in this session); tiny llama "
+             "exports of every parity kind. `ok`: name, dtype and shape as vLLM creates the parameter (scales of any float dtype load).", "",
              "| kind | module | format | vLLM scheme | tensor | dtype | shape | vLLM expects | |",
              "|---|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
