@@ -189,7 +189,7 @@ def _core(r):
 | `w8a8_rtn` | INT8 sym per-channel, RTN | INT8 dynamic per-token (all linears but `lm_head`) | {w8a8:.3f} | {_pct(w8a8 / base)} |
 | `w4a16_g64_rtn` | INT4 sym group 64, RTN | float | {ppl('w4a16-g64-rtn')} |
 | `w4a16_rtn` | INT4 sym per-channel, RTN | float | {ppl('w4a16-rtn')} |
-| `w8a8_mixed` | INT8 sym per-channel, RTN | INT8 dynamic per-token, `down_proj` inputs float | {mixed:.3f}* | {_pct(mixed / base)} |
+| `w8a8_mixed` | INT8 sym per-channel, RTN | INT8 dynamic per-token, `down_proj` inputs float | {mixed:.3f} | {_pct(mixed / base)} |
 """
 
 
@@ -217,7 +217,7 @@ def _arithmetic(r):
     before, after, before16, w16 = (r[p]["quantized"]["ppl"] for p in sources)
     return f"""Before this, normquant's dynamic scale was `absmax/(2^(b-1)-1)`: `w8a8_rtn` scored {before:.3f} in normquant but
 {after:.3f} when served (4 windows); on 16 windows {before16:.3f} before, now {w16:.3f} — the number a server
-computes (`eval/w8a8_arithmetic/report.md`, written by `normquant report`). Rows marked * and the other
+computes (`eval/w8a8_arithmetic/report.md`, written by `normquant report`). The other
 dynamic-activation numbers below (GPTQ W8A8, W4A8 norm tweaking, the RepQuant dynamic reference) were measured
 with the former arithmetic: expect changes of about +0.1%. Exports record whether a serving stack computes
 the same model, and why not when it cannot (`config.json["normquant"]["serving"]`: asymmetric packed weights
