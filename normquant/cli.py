@@ -221,8 +221,7 @@ def cmd_run(args) -> int:
     force = args.force or recipe.export.force
     if export_dir and Path(export_dir).exists() and not force:
         raise UserError(f"export directory {export_dir} exists; pass --force to overwrite")
-    if export_dir:
-        model, tok = _load(recipe)
+    model, tok = _load(recipe)
     ev = recipe.evaluation
     record = {"recipe": recipe.to_dict(), "recipe_file": str(args.recipe), "recipe_hash": recipe.hash(),
               "environment": environment()}
