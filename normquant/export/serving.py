@@ -55,6 +55,8 @@ LOAD_DEFAULT = "AutoModelForCausalLM.from_pretrained(path)"
 LOAD_DEQUANTIZE = ("AutoModelForCausalLM.from_pretrained(path, quantization_config=CompressedTensorsConfig("
                    "dequantize=True))")
 APPLY_TRANSFORMS = "normquant.export.transforms.apply_transforms(model, path)"
+#: linears vLLM fuses into one module (with one input scale), by leaf name
+VLLM_FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
 QUANT_KEYS = ("weight", "weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "input_scale",
               "input_zero_point")
 
@@ -193,9 +195,8 @@ def vllm_notes(model: nn.Module, qconfig: dict[str, Any]) -> list[str]:
     for n, m in model.named_modules():
         if isinstance(m, QuantLinear) and m.input_quant is not None and m.input_quant.scale is not None:
             parent, _, leaf = n.rpartition(".")
-            group = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
-            if leaf in group:
-                fused.setdefault((parent, group[leaf]), set()).add(tuple(m.input_quant.scale.flatten().tolist()))
+            if leaf in VLLM_FUSED:
+                fused.setdefault((parent, VLLM_FUSED[leaf]), set()).add(tuple(m.input_quant.scale.flatten().tolist()))
     unequal = sorted(f"{parent}.{g}" for (parent, g), scales in fused.items() if len(scales) > 1)
     if unequal:
         notes.append(f"static input scales differ inside fused modules {_names(unequal)}: vLLM keeps one per fused "
