@@ -56,16 +56,25 @@ def as_recipe(recipe: RecipeLike) -> "Recipe":
     raise TypeError(f"recipe must be a Recipe, a YAML path or a dict, not {type(recipe).__name__}")
 
 
-def load(name_or_path: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu") -> tuple["nn.Module", Any]:
+def load(name_or_path: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu",
+         offload: bool = False) -> tuple["nn.Module", Any]:
     """Load ``(model, tokenizer)``: a packaged short name (``smollm2-135m``), a local HF folder, a ``.gguf``
     file, a hub id ``owner/name``, or a normquant export (its quantized linears come back as QuantLinear).
 
     ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; an unavailable device is a one-line ValueError.
+    ``offload=True``: a model larger than memory — its blocks' float weights stay on disk until :func:`quantize`
+    reads them one at a time and keeps each finished block packed (:mod:`normquant.models.streaming`, on CPU);
+    it cannot run before it is quantized.
 
     >>> model, tokenizer = load("smollm2-135m")                                     # doctest: +SKIP
     """
     from normquant.devices import check_device
     from normquant.models.loading import load_model
+
+    if offload:
+        from normquant.models.streaming import load_streamed
+
+        return load_streamed(str(name_or_path), dtype=dtype)
 
     model, tokenizer = load_model(str(name_or_path), dtype=dtype, device=check_device(device))
     if _has_quant_linears(model):

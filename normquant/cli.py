@@ -109,6 +109,12 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-seqlen", type=int, metavar="L", help="tokens per calibration segment (overrides the recipe's)")
 
 
+def _add_offload(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload", action="store_true", help="models larger than memory: keep the float weights on "
+                   "disk and read one block at a time; each finished block stays in memory packed at its bit width "
+                   "(safetensors checkpoints of causal LMs; no float baseline)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normquant", description="Post-training quantization for HF LLMs.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="checkpoint every finished block under the results "
                      "folder (OUTPUT/resume) and continue an interrupted run of the same recipe there")
     run.add_argument("--no-baseline", action="store_true", help="skip the float evaluation")
+    _add_offload(run)
     ev = sub.add_parser("eval", help="perplexity of a model or an exported checkpoint, or lm-eval tasks (--tasks)")
     _add_common(ev, model_required=True)
     ev.add_argument("--dataset", default="wikitext2", choices=["wikitext2", "ptb", "c4"])
@@ -145,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--force", action="store_true", help="overwrite an existing export directory")
     ex.add_argument("--resume", action="store_true", help="checkpoint every finished block (in OUTPUT.resume) and "
                     "continue an interrupted export of the same recipe")
+    _add_offload(ex)
     se = sub.add_parser("sensitivity", help="quantize one module kind at a time and rank the perplexity cost")
     se.add_argument("recipe", help="recipe whose weight/activation specs are tried one module kind at a time")
     _add_common(se)
@@ -179,11 +187,21 @@ def _overrides(args) -> dict:
     return {**top, **({"evaluation": ev} if ev else {}), **({"calibration": cal} if cal else {})}
 
 
-def _load(recipe):
+def _load(recipe, offload: bool = False):
+    """``(model, tokenizer, device)``: the device quantize() computes on."""
     from normquant.devices import check_device
     from normquant.models.loading import load_model
 
-    return load_model(recipe.model, dtype=recipe.dtype, device=check_device(recipe.device))
+    device = check_device(recipe.device)
+    if offload:
+        from normquant.models.streaming import load_streamed
+
+        if device == "auto":
+            raise UserError("--offload and --device auto both decide where weights live; drop --device auto")
+        model, tok = load_streamed(recipe.model, dtype=recipe.dtype)
+        return model, tok, device
+    model, tok = load_model(recipe.model, dtype=recipe.dtype, device=device)
+    return model, tok, model_device_str(model)
 
 
 def _eval(model, tok, ev, data_dir, progress):
@@ -221,20 +239,21 @@ def cmd_run(args) -> int:
     force = args.force or recipe.export.force
     if export_dir and Path(export_dir).exists() and not force:
         raise UserError(f"export directory {export_dir} exists; pass --force to overwrite")
-    model, tok = _load(recipe)
+    model, tok, device = _load(recipe, args.offload)
     ev = recipe.evaluation
     record = {"recipe": recipe.to_dict(), "recipe_file": str(args.recipe), "recipe_hash": recipe.hash(),
               "environment": environment()}
     base = None
-    if ev.baseline and not args.no_baseline:
+    if ev.baseline and not args.no_baseline and args.offload:
+        logging.getLogger("normquant").info("--offload: no float baseline (it would need the whole float model in memory)")
+    elif ev.baseline and not args.no_baseline:
         res = _eval(model, tok, ev, args.data_dir, progress)
         record["float"] = perplexity_record(recipe.model, ev.dataset, ev.split, res)
         base = res.ppl
         print(f"float      ppl {res.ppl:.3f}  ({res.windows}/{res.windows_total} windows, {res.tokens_per_s:.0f} tok/s)")
     t0 = time.perf_counter()
     calib = _calibration(recipe, model, tok, args.data_dir)
-    quantize(model, recipe, calib, device=model_device_str(model), progress=progress,
-             checkpoint=_resume_checkpoint(args, recipe))
+    quantize(model, recipe, calib, device=device, progress=progress, checkpoint=_resume_checkpoint(args, recipe))
     record["quantize_seconds"] = time.perf_counter() - t0
     if calib is not None:
         c = recipe.calibration
@@ -371,8 +390,8 @@ def cmd_export(args) -> int:
     recipe = load_recipe(args.recipe, _overrides(args))
     if Path(args.output).exists() and not args.force:
         raise UserError(f"export directory {args.output} exists; pass --force to overwrite")
-    model, tok = _load(recipe)
-    quantize(model, recipe, _calibration(recipe, model, tok, args.data_dir), device=model_device_str(model),
+    model, tok, device = _load(recipe, args.offload)
+    quantize(model, recipe, _calibration(recipe, model, tok, args.data_dir), device=device,
              checkpoint=_resume_checkpoint(args, recipe),
              progress=not args.quiet)
     path = export_model(model, tok, args.output, force=args.force,

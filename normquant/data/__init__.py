@@ -16,6 +16,9 @@ def calibration_ids(cal, model, tokenizer, data_dir=None):
                         f"set calibration.seqlen to {max_pos} or less")
     if cal.dataset == "selfgen":
         from normquant.data.selfgen import generate_calibration
+        from normquant.models.streaming import check_materialized
+
+        check_materialized(model)  # a streamed model cannot generate before its blocks are read
 
         return generate_calibration(model, tokenizer, n=cal.samples, seqlen=cal.seqlen, seed=cal.seed)
     from normquant.data.text import calibration_samples

@@ -28,6 +28,7 @@ from normquant.quant.prefix import float_prefix, prefix_of, prepend_prefix
 
 from normquant.data.selfgen import cache_argument
 from normquant.data.text import DataError
+from normquant.models.streaming import check_materialized
 
 
 @dataclass
@@ -81,6 +82,7 @@ def evaluate_perplexity(model, input_ids: torch.Tensor, *, seqlen: int = 2048, w
                         ) -> PerplexityResult:
     """Perplexity of ``model`` on ``input_ids`` ``[1, n]`` under the protocol above (through a quantized KV cache
     when ``kv_cache`` is given or the model carries one)."""
+    check_materialized(model)
     prefix = prefix_of(model)
     p = 0 if prefix is None else prefix.numel()
     kv_cache = kv_cache if kv_cache is not None else kv_cache_of(model)

@@ -40,6 +40,7 @@ from normquant.export.verify import (check_config, check_layer_tensors, read_man
 from normquant.io import atomic_directory, check_destination
 from normquant.messages import one_line, show
 from normquant.quant.linear import QuantLinear, is_linear
+from normquant.quant.real import QUANTIZED_LINEARS
 from normquant.quant.kv import KVCacheSpec, head_dim_of, kv_cache_of, set_kv_cache
 from normquant.quant.prefix import prefix_of, set_prefix
 from normquant.quant.targets import matches_any
@@ -62,7 +63,7 @@ def _quant_groups(model: nn.Module) -> list[ConfigGroup]:
     """QuantLinear modules grouped by ``(weight_spec, input_spec)``, in module order; plain ones left out."""
     groups: dict[tuple, ConfigGroup] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, QuantLinear):
+        if not isinstance(module, QUANTIZED_LINEARS):
             continue
         aspec = module.input_quant.spec if module.input_quant is not None else None
         if module.weight_spec is None and aspec is None:

@@ -47,7 +47,7 @@ from torch import nn
 
 from normquant.export.schema import PACK_QUANTIZED
 from normquant.export.transforms import read_transform_config, transform_tensor_names
-from normquant.quant.linear import QuantLinear
+from normquant.quant.real import QUANTIZED_LINEARS
 from normquant.quant.kv import KVCacheSpec, kv_cache_of
 from normquant.quant.prefix import prefix_of
 
@@ -114,7 +114,7 @@ def serving_notes(model: nn.Module, qconfig: dict[str, Any], tensors: dict[str, 
                              "default transformers route cannot load them and dequantize=True drops the activation "
                              "quantization")
     clipped = sorted({f"{n}" for n, m in model.named_modules()
-                      if isinstance(m, QuantLinear) and m.input_quant is not None and m.input_quant.spec.dynamic
+                      if isinstance(m, QUANTIZED_LINEARS) and m.input_quant is not None and m.input_quant.spec.dynamic
                       and m.input_quant.spec.clip_ratio < 1})
     if clipped:
         parity = "none"
@@ -185,7 +185,7 @@ def vllm_notes(model: nn.Module, qconfig: dict[str, Any]) -> list[str]:
         scheme, why = vllm_scheme({**group, "format": group.get("format") or qconfig["format"]})
         if scheme is None:
             notes.append(f"{name} ({_names(group['targets'])}): no vLLM scheme loads it ({why})")
-    static_asym = sorted(n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_quant
+    static_asym = sorted(n for n, m in model.named_modules() if isinstance(m, QUANTIZED_LINEARS) and m.input_quant
                          is not None and not m.input_quant.spec.dynamic and not m.input_quant.spec.symmetric)
     if static_asym:
         notes.append(f"static asymmetric input quantization on {_names(static_asym)}: vLLM rebuilds the range from "
@@ -193,7 +193,7 @@ def vllm_notes(model: nn.Module, qconfig: dict[str, Any]) -> list[str]:
                      "level from normquant's")
     fused = {}  # vLLM fuses q/k/v and gate/up into one module with one input scale: the last shard loaded wins
     for n, m in model.named_modules():
-        if isinstance(m, QuantLinear) and m.input_quant is not None and m.input_quant.scale is not None:
+        if isinstance(m, QUANTIZED_LINEARS) and m.input_quant is not None and m.input_quant.scale is not None:
             parent, _, leaf = n.rpartition(".")
             if leaf in VLLM_FUSED:
                 fused.setdefault((parent, VLLM_FUSED[leaf]), set()).add(tuple(m.input_quant.scale.flatten().tolist()))

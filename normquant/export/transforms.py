@@ -47,6 +47,7 @@ from normquant.export.schema import ExportError
 from normquant.messages import one_line, show
 from normquant.quant.hadamard import HadamardPlan, OnlineHadamard, hadamard_plan, hadamard_signs
 from normquant.quant.linear import QuantLinear, is_linear
+from normquant.quant.real import QUANTIZED_LINEARS
 
 TRANSFORM_TYPE = "random-hadamard"
 LOCATION = "input"
@@ -68,7 +69,7 @@ def transform_config(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.
     Refuses (:class:`ExportError`, naming the layer) a transform with no compressed-tensors form."""
     groups: dict[HadamardPlan, list[str]] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, QuantLinear) or module.input_transform is None:
+        if not isinstance(module, QUANTIZED_LINEARS) or module.input_transform is None:
             continue
         transform = module.input_transform
         if type(transform) is not OnlineHadamard:

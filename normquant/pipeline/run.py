@@ -5,7 +5,9 @@
    quantizers off), the steps' ``apply_block(ctx)`` run in order, weights no step quantized get
    round-to-nearest, static activation quantizers no step fixed are calibrated on the block's
    (quantized-path) inputs, activation quantization is switched on and the block's outputs feed the next
-   block. A recipe that needs no data walks the blocks without capturing any inputs.
+   block. A recipe that needs no data walks the blocks without capturing any inputs. A streamed model
+   (:mod:`normquant.models.streaming`, ``--offload``) has each block read from disk when reached and packed
+   (:func:`~normquant.quant.real.pack_weights`) once finished, so only one float block is ever in memory.
 3. **Tail**: linears outside the blocks (``lm_head`` when targeted, BERT's pooler): RTN, and static inputs
    calibrated by a pass of the quantized model.
 
@@ -24,11 +26,13 @@ import torch
 from torch import nn
 
 from normquant.models.arch import get_architecture
+from normquant.models.streaming import is_streamed
 from normquant.pipeline.runner import BlockContext, run_blocks, walk_blocks
 from normquant.progress import progress_bar
 from normquant.quant.linear import QuantLinear, calibrate_static_inputs, is_linear, set_activation_quant
 from normquant.quant.kv import set_kv_cache
 from normquant.quant.prefix import float_prefix, prefix_of, prepend_prefix
+from normquant.quant.real import pack_weights
 from normquant.recipe import Recipe, RecipeError, Scheme
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,9 @@ def quantize(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor | None = 
     """
     if recipe.needs_data and calib_ids is None:
         raise RecipeError("this recipe needs calibration data (a step or a static activation quantizer)")
+    if checkpoint is not None and is_streamed(model):
+        raise RecipeError("--resume does not work with --offload yet (a streamed block is packed once done); "
+                          "drop one of them")
     model_wide = [s for s in recipe.steps if s.model_wide()]
     if model_wide:
         arch = get_architecture(model)
@@ -94,7 +101,7 @@ def _quantize_blocks(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor |
         contexts = run_blocks(model, calib_ids, device=device, batch_size=recipe.calibration.batch_size)
     else:
         contexts = walk_blocks(model)
-    wrapped, done = 0, 0
+    wrapped, done, streamed = 0, 0, is_streamed(model)
     with progress_bar(desc="blocks", unit="block", enabled=progress) as bar:
         for ctx in contexts:
             bar.total = ctx.num_blocks
@@ -113,6 +120,8 @@ def _quantize_blocks(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor |
                 ctx.advance()
             if checkpoint is not None and ctx.index >= done:
                 checkpoint.save(ctx, recipe.steps)
+            if streamed:  # the block's float weights go; its quantized ones stay, packed
+                pack_weights(ctx.block)
             bar.update(1)
     return wrapped + _quantize_tail(model, recipe.scheme, calib_ids if recipe.needs_data else None,
                                     recipe.calibration.batch_size)

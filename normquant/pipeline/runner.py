@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from normquant.models.arch import Architecture, get_architecture, get_blocks
+from normquant.models.streaming import is_streamed, materialize_block
 from normquant.quant.linear import calibrate_static_inputs
 
 
@@ -214,20 +215,23 @@ def run_blocks(model: nn.Module, input_ids: torch.Tensor, *, device: str | torch
     """Yield a :class:`BlockContext` per block, in order; the caller edits the block then calls ``advance()``.
 
     Without a ``device_map`` the blocks live on CPU and each is moved to ``device`` while processed, so the
-    accelerator holds one block plus the activations.
+    accelerator holds one block plus the activations. A streamed model's blocks are read from disk as they are
+    reached (:mod:`normquant.models.streaming`).
     """
     device = torch.device(device)
     arch = get_architecture(model)
     blocks = get_blocks(model, arch)
     offloaded = _offloaded(model)
     if not offloaded:  # everything but the blocks goes to the compute device for the capture
-        model.cpu()
+        if not is_streamed(model):  # (a streamed model's blocks are on meta, the rest on CPU already)
+            model.cpu()
         for name, child in model.named_children():
             _move_non_blocks(child, blocks, device)
     inputs, calls, capture_batch = capture_block_inputs(
         model, blocks, input_ids, device if not offloaded else next(model.parameters()).device, batch_size)
     prefix = blocks_name(model, blocks)
     for i, block in enumerate(blocks):
+        materialize_block(model, block, f"{prefix}.{i}")
         dev = device if not offloaded else next(block.parameters()).device
         if not offloaded:
             block.to(dev)
@@ -253,6 +257,7 @@ def walk_blocks(model: nn.Module) -> Iterator[BlockContext]:
     blocks = get_blocks(model, arch)
     prefix = blocks_name(model, blocks)
     for i, block in enumerate(blocks):
+        materialize_block(model, block, f"{prefix}.{i}")
         yield BlockContext(i, f"{prefix}.{i}", block, arch, model, None, (), {}, _device_of(block), 0,
                            num_blocks=len(blocks))
 

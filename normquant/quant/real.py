@@ -37,7 +37,7 @@ from normquant.messages import one_line
 from normquant.quant.linear import QuantLinear
 from normquant.quant.prefix import prefix_of
 from normquant.quant.packing import pack_codes, unpack_codes
-from normquant.quant.primitives import QuantError, activation_view, dequantize, serving_qparams_view
+from normquant.quant.primitives import QuantError, activation_view, code_dtype, dequantize, serving_qparams_view
 
 log = logging.getLogger(__name__)
 
@@ -182,21 +182,59 @@ class PackedLinear(nn.Module):
         self.bias = ql.bias
         self.input_quant, self.input_transform = ql.input_quant, ql.input_transform
 
-    def weight(self) -> torch.Tensor:
+    @property
+    def weight_spec(self):
+        return self.spec
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(codes, scale, zero)`` exactly as :meth:`QuantLinear.integer_weight` gave them (exports read here)."""
+        q, scale, zero = self._float_codes()
+        return q.to(code_dtype(self.spec)), scale, zero
+
+    def _float_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = unpack_codes(self.weight_packed, self.spec.bits, self.shape[1], self.spec.symmetric)  # float [N, K]
+        zero = torch.zeros_like(self.weight_scale) if self.weight_zero_point is None else self.weight_zero_point.float()
+        return q, self.weight_scale, zero
+
+    def dequantized_weight(self) -> torch.Tensor:
         """``s (q - z)`` ``[N, K]`` in the model's dtype: the fake path's weight, bit for bit (tested)."""
-        q = unpack_codes(self.weight_packed, self.spec.bits, self.shape[1], self.spec.symmetric)
-        zero = torch.zeros_like(self.weight_scale) if self.weight_zero_point is None else self.weight_zero_point
-        return dequantize(q, self.weight_scale, zero.float(), self.spec).to(self.dtype)
+        return dequantize(*self._float_codes(), self.spec).to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is not None:
             x = self.input_transform(x)
         if self.input_quant is not None:
             x = self.input_quant(x)
-        return F.linear(x, self.weight(), self.bias)
+        return F.linear(x, self.dequantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.shape[1]}, out={self.shape[0]}, w={self.spec.short()} packed"
+
+
+#: the modules an export reads as quantized linears (the same interface: weight_spec, input_quant, bias,
+#: input_transform, integer_weight(), in_features / out_features)
+QUANTIZED_LINEARS = (QuantLinear, PackedLinear)
+
+
+def pack_weights(root: nn.Module) -> int:
+    """Replace every QuantLinear under ``root`` whose weight is quantized by a :class:`PackedLinear` (same
+    outputs, the weight held at its bit width); returns how many. Streamed quantization packs each block once it
+    is done (:mod:`normquant.models.streaming`)."""
+    n = 0
+    for name, module in list(root.named_modules()):
+        if isinstance(module, QuantLinear) and module.weight_spec is not None and module.weight_quantized:
+            parent, _, child = name.rpartition(".")
+            setattr(root.get_submodule(parent) if parent else root, child, PackedLinear(module))
+            n += 1
+    return n
 
 
 def convert(model: nn.Module) -> dict:
