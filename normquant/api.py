@@ -186,18 +186,20 @@ def export(model: "nn.Module", path: str | os.PathLike, *, tokenizer: Any = None
     return export_model(model, tokenizer, path, force=force, extra_metadata=metadata)
 
 
-def convert(model: "nn.Module") -> dict:
-    """Run the quantized linears of ``model`` as real integer GEMMs (in place, where this machine sums them
-    exactly: :mod:`normquant.quant.real`); the others stay fake-quant. Returns ``{"converted": [names], "kept":
-    {name: why}, "activation_bits": b}``. Perplexity through the converted model equals the fake path's up to
-    float32 rounding. Convert after exporting: an export reads the fake-quant modules.
+def convert(model: "nn.Module", *, backend: str | None = None, int4: bool | None = None) -> dict:
+    """Run the quantized linears of ``model`` for real (in place, :func:`normquant.quant.real.convert`): int8 GEMMs
+    where this machine sums them exactly (oneDNN on CPU, ``torch._int_mm`` on CUDA), int4 GEMMs for W4A16 on CUDA
+    (tinygemm, bfloat16), packed integer weights for every other quantized weight. Returns ``{"converted": {name:
+    kind}, "kept": {name: why}, "why_not_int8": {name: why}, "activation_bits": b, "backend": ...}``. Perplexity
+    through the converted model equals the fake path's up to float32 rounding (bfloat16 for int4 on CUDA).
+    Convert after exporting: an export reads the fake-quant modules.
 
     >>> convert(model)["kept"]                                                         # doctest: +SKIP
     {}
     """
     from normquant.quant.real import convert as convert_model
 
-    return convert_model(model)
+    return convert_model(model, backend=backend, int4=int4)
 
 
 # ------------------------------------------------------------------------------------------ save_pretrained

@@ -326,11 +326,13 @@ def _convert(model) -> dict:
         raise UserError("--real: the model has no quantized weights (evaluate an export or a quantized model)")
     kinds = list(report["converted"].values())
     reasons = sorted(set(report["why_not_int8"].values()))
-    print(f"--real: {kinds.count('int8-gemm')} linears run as int8 GEMMs, {kinds.count('packed-weights')} hold "
+    int4 = f", {kinds.count('int4-gemm')} run int4 GEMMs" if "int4-gemm" in kinds else ""
+    print(f"--real: {kinds.count('int8-gemm')} linears run as int8 GEMMs{int4}, {kinds.count('packed-weights')} hold "
           "packed integer weights" + (f" (not int8 GEMMs: {'; '.join(reasons)})" if reasons else ""),
           file=sys.stderr)
-    return {"int8_gemm": kinds.count("int8-gemm"), "packed_weights": kinds.count("packed-weights"),
-            "why_not_int8": report["why_not_int8"], "activation_bits_exact": report["activation_bits"]}
+    return {"int8_gemm": kinds.count("int8-gemm"), "int4_gemm": kinds.count("int4-gemm"),
+            "packed_weights": kinds.count("packed-weights"), "why_not_int8": report["why_not_int8"],
+            "activation_bits_exact": report["activation_bits"], "backend": report["backend"]}
 
 
 def _normquant_section(model: str) -> dict:

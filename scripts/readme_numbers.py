@@ -112,6 +112,7 @@ LC_W4, LC_W8 = "eval/llmcompressor/w4a16-g64.json", "eval/llmcompressor/w8a8.jso
 W34, W3G64_RTN, W4_MSE = "eval/gptq_w34_smollm2.json", "eval/gptq_vs_rtn_smollm2.json", "eval/w4_mse_smollm2.json"
 TWEAK, REPQUANT = "eval/norm_tweak_smollm2.json", "eval/repquant_smollm2.json"
 MEMORY, MINILM, INSPECT = "eval/runner_memory.json", "eval/minilm_sqnr.json", "eval/inspect_smollm2/inspect.json"
+REAL, KV, OFFLOAD = "eval/real_cpu.json", "eval/kv_smollm2.json", "eval/offload_cpu.json"
 
 _RUN = ("normquant run recipes/w8a8_rtn.yaml --no-baseline --windows {w} --output out/w8a8-{w}w && "
         "cp out/w8a8-{w}w/results.json {dst}")
@@ -154,6 +155,9 @@ COMMANDS = {
     MINILM: f"python scripts/eval_minilm.py --data-dir {DATA} --out {MINILM}",
     INSPECT: f"normquant inspect smollm2-135m --samples 4 --seqlen 512 --data-dir {DATA} --output "
              "eval/inspect_smollm2 --force",
+    REAL: f"python scripts/bench_real.py --data-dir {DATA} --windows 16 --out {REAL}",
+    KV: f"python scripts/eval_kv.py --data-dir {DATA} --parts memory generate --out eval/kv_smollm2 --append",
+    OFFLOAD: f"python scripts/bench_offload.py --out {OFFLOAD}",
 }
 
 
@@ -382,6 +386,58 @@ in {inp['layers_with_outliers']} of {inp['layers']} layers, channel {inp['persis
 """
 
 
+def _real(r):
+    x = r[REAL]
+    ppl, speed, packed, base = x["ppl"], x["speed"]["tokens_per_s"], x["packed"], r[CORE]["float"]["ppl"]
+    ratios = [g["fp32_over_int8"] for g in x["gemm"]]
+    ms = [g["m"] for g in x["gemm"]]
+    return f"""  this CPU (`eval/real_cpu.json`, `python scripts/bench_real.py --data-dir ../shared/data --windows 16`, {x['environment']['threads']} threads,
+  machine otherwise idle): `w8a7_rtn` evaluates at {_r(speed['real'])} tokens/s real vs {_r(speed['fp32'])} fp32 ({speed['real'] / speed['fp32']:.2f}×; fake-quant {_r(speed['fake'])}),
+  perplexity real {ppl['real']['ppl']:.3f} vs fake {ppl['fake']['ppl']:.3f} on {ppl['real']['windows']} windows ({_pct(x['ppl_real_over_fake'])}, inside the {_pct(x['ppl_fake_nudged_over_fake'])} that one float32 rounding of
+  the inputs moves the fake path itself: 7-bit activations are that sensitive; float is {base:.3f}, so A7 costs
+  {_pct(ppl['fake']['ppl'] / base)}); int8 GEMM {min(ratios):.1f}–{max(ratios):.1f}× fp32 over M = {min(ms)}…{max(ms)}; `w4a16_g64_rtn` weights held in {packed['held_over_float16']:.3f}× their float16
+  bytes, perplexity {'identical' if packed['ppl_packed'] == packed['ppl_fake'] else 'different'}.
+"""
+
+
+def _kv(r):
+    m, g = r[KV]["memory"], r[KV]["generate"]
+    mb = {k: (v if isinstance(v, (int, float)) else v["bytes"]) / 1e6 for k, v in m.items() if k != "tokens"}
+    bpe = {k: v["bits_per_element_held"] for k, v in m.items() if isinstance(v, dict)}
+    exact = all(v["bits_per_element_held"] == v["bits_per_element_account"] for v in m.values() if isinstance(v, dict))
+    margin = max(x for x in g["int8"]["float_top2_margin_there"] if x is not None)
+    speeds = [g[k]["tokens_per_s"] for k in g if isinstance(g[k], dict) and k != "float"]
+    return f"""  Measured on SmolLM2 (`eval/kv_smollm2.md`, `scripts/eval_kv.py --parts memory generate`, {r[KV]['environment']['threads']} threads): a
+  {m['tokens']}-token cache holds {mb['float32']:.1f} MB in float32, {mb['float16']:.1f} MB in float16, {mb['int8']:.1f} MB int8 ({bpe['int8']:.2f} bits/element), {mb['int4']:.1f} MB int4,
+  {mb['kivi2']:.1f} MB KIVI-2, {mb['nsn2']:.1f} MB NSN-2 ({bpe['nsn2']:.2f}), {mb['nsn1']:.1f} MB NSN-1 ({bpe['nsn1']:.2f}) — bytes held {'equal' if exact else 'differ from'} the exact account; greedy
+  generation ({g['prompts']} prompts, {g['new_tokens']} new tokens) matches float on {g['int8']['identical']}/{g['prompts']} prompts with the int8 cache (every divergence at
+  a float top-2 logit margin ≤ {margin:.3f}), {g['int4']['identical']}/{g['prompts']} at int4, {g['nsn2']['identical']}/{g['prompts']} with NSN-2; decode {min(speeds):.0f}–{max(speeds):.0f} tokens/s through a quantized
+  cache vs {g['float']['tokens_per_s']:.1f} float (every step dequantizes the whole cache). The 16-window perplexity table is next.
+"""
+
+
+def _offload(r):
+    x = r[OFFLOAD]
+    m, runs = x["model"], {(u["mode"], u["budget_bytes"] is not None): u for u in x["runs"]}
+    gib = 2 ** 30
+
+    def peak(mode):
+        return runs[mode, False]["peak_rss_above_imports"] / gib
+
+    def outcome(mode):
+        u = runs[mode, True]
+        return "finishes" if u["ok"] else ("is killed (out of memory)" if u.get("returncode") == -9 else
+                                          f"fails ({u['error'].split(':')[0]})")
+
+    return f"""**Models larger than memory** (`scripts/bench_offload.py`, `eval/offload_cpu.json`, {x['threads']} thread(s)): a random-weight
+llama ({m['layers']} blocks, hidden {m['hidden']}, MLP {m['intermediate']}, vocab {m['vocab']}, untied head) of {m['checkpoint_bytes'] / gib:.2f} GiB in float32, {x['recipe']},
+{x['calibration']['samples']}×{x['calibration']['seqlen']} calibration tokens. Peak resident memory above the imports: in memory {peak('memory'):.2f} GiB, streamed (`--offload`)
+{peak('streamed'):.2f} GiB (one float block is {m['float_block_bytes'] / gib:.2f} GiB, the embeddings and head {m['non_block_bytes'] / gib:.2f} GiB, the packed blocks
+{runs['streamed', False]['packed_bytes'] / gib:.2f} GiB). Under a {x['budget']['budget_mib'] / 1024:.1f} GiB cap ({x['budget']['cap']}: {x['budget']['how']}) the in-memory run
+{outcome('memory')} and the streamed one {outcome('streamed')}.
+"""
+
+
 def _block(name, sources, render, unbacked=()):
     return Block(name, sources, tuple(dict.fromkeys(COMMANDS[s] for s in sources)), render, unbacked)
 
@@ -401,6 +457,9 @@ BLOCKS = [
     _block("runner-memory", (MEMORY,), _memory),
     _block("minilm", (MINILM,), _minilm),
     _block("inspect", (INSPECT,), _inspect),
+    _block("real", (REAL, CORE), _real),
+    _block("kv", (KV,), _kv),
+    _block("offload", (OFFLOAD,), _offload),
 ]
 
 

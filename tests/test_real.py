@@ -148,3 +148,78 @@ def test_the_compiled_activation_quantizer_gives_the_eager_codes(monkeypatch):
                 pytest.skip("torch.compile does not work here (no C++ compiler?): --real runs eagerly")
             want_codes, want_scale = real.quantize_rows(xv, spec)
             assert torch.equal(codes, want_codes) and torch.equal(scale, want_scale)  # measured: identical
+
+
+# ---------------------------------------------------------------------------------------- the CUDA kernels' math
+# torch._int_mm and the int4 kernel have CPU twins with the same inputs: the code that drives them on CUDA runs
+# here (only the packing call and the dtype differ on CUDA: bfloat16 for int4).
+
+@pytest.mark.parametrize("inputs", [{"bits": 8, "granularity": "token", "dynamic": True},
+                                    {"bits": 8, "granularity": "tensor"}], ids=["a8-token", "a8-static"])
+def test_int_mm_backend_runs_8_bit_activations_and_matches_the_fake_path(inputs):
+    model = _quantized(inputs)
+    ids = tiny_inputs(model)
+    with torch.no_grad():
+        fake = model(ids).logits
+        report = convert(model, backend="int_mm")
+        real = model(ids).logits
+    assert set(report["converted"].values()) == {"int8-gemm"} and report["activation_bits"] == 8
+    assert all(m.backend == "int_mm" for m in model.modules() if isinstance(m, Int8Linear))
+    diff = (real - fake).abs().max().item()
+    # measured 1.5e-7 (a8-token) and 1.2e-7 (a8-static) on logits of absmax 0.47: float32 rounding, no code flip
+    print(f"int_mm vs fake logits max |Δ| {diff:.3g} (absmax {fake.abs().max().item():.3g})")
+    assert diff < 1e-3 * fake.abs().max().item()
+
+
+def test_int_mm_gemm_is_the_integer_product_and_its_shape_rule_is_stated():
+    from normquant.quant.real import int_mm_gemm, why_not_int8
+    from normquant.quant.spec import QuantSpec
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-128, 128, (5, 64), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (24, 64), generator=g, dtype=torch.int8)
+    scale = torch.rand(24, generator=g)
+    assert torch.equal(int_mm_gemm(q, w, scale), (q.int() @ w.int().t()).float() * scale)
+    odd = QuantLinear.wrap(torch.nn.Linear(60, 32), QuantSpec(bits=8, granularity="channel"),
+                           QuantSpec(bits=8, granularity="token", dynamic=True))
+    odd.quantize_weight()
+    assert "multiples of 8" in why_not_int8(odd, 8, "int_mm") and not why_not_int8(odd, 8, "onednn").startswith("shape")
+
+
+@pytest.mark.parametrize("weights", [{"bits": 4, "granularity": "group", "group_size": 32},
+                                     {"bits": 4, "granularity": "group", "group_size": 32, "symmetric": False},
+                                     {"bits": 4, "granularity": "channel"}], ids=["g32", "g32-asym", "channel"])
+def test_int4_kernel_computes_the_fake_path_to_float32_rounding(weights):
+    from normquant.quant.real import Int4Linear
+
+    model = tiny_model("llama", hidden_size=128, intermediate_size=256)
+    recipe = parse_recipe({"scheme": {"ignore": ["lm_head"], "weights": weights}, "steps": ["rtn"]})
+    quantize(model, recipe, progress=False)
+    ids = tiny_inputs(model)
+    with torch.no_grad():
+        fake = model(ids).logits
+        report = convert(model, int4=True)
+        real = model(ids).logits
+    assert set(report["converted"].values()) == {"int4-gemm"}
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 14
+    diff = (real - fake).abs().max().item()
+    # measured 4.2e-7 (g32), 4.2e-7 (g32-asym), 3.0e-7 (channel) on logits of absmax 0.87-1.05: float32 rounding
+    # of (u - 8) s + z_t against s (q - z)
+    print(f"int4 kernel vs fake logits max |Δ| {diff:.3g} (absmax {fake.abs().max().item():.3g})")
+    assert diff < 1e-5 * fake.abs().max().item()
+
+
+def test_int4_kernel_refusals_name_the_reason():
+    from normquant.quant.real import Int4Linear
+    from normquant.quant.spec import QuantSpec
+
+    def layer(k, n, spec, act=None):
+        ql = QuantLinear.wrap(torch.nn.Linear(k, n), spec, act)
+        ql.quantize_weight()
+        return ql
+
+    assert "group size 16" in Int4Linear.why_not(layer(64, 32, QuantSpec(bits=4, granularity="group", group_size=16)))
+    assert "not a 4-bit" in Int4Linear.why_not(layer(64, 32, QuantSpec(bits=8, granularity="channel")))
+    assert "float activations" in Int4Linear.why_not(layer(128, 32, QuantSpec(bits=4, granularity="channel"),
+                                                           QuantSpec(bits=8, granularity="token", dynamic=True)))
+    assert "shape [32, 96]" in Int4Linear.why_not(layer(96, 32, QuantSpec(bits=4, granularity="channel")))

@@ -32,9 +32,9 @@ def _recipe(name: str):
                          "calibration": {"samples": 4, "seqlen": 16, "batch_size": 2}})
 
 
-def _saved(tmp_path, kind="llama", **save_kwargs):
+def _saved(tmp_path, kind="llama", config=None, **save_kwargs):
     d = tmp_path / kind
-    tiny_model(kind, num_hidden_layers=3).save_pretrained(d, **save_kwargs)
+    tiny_model(kind, num_hidden_layers=3, **(config or {})).save_pretrained(d, **save_kwargs)
     return d
 
 
@@ -64,14 +64,15 @@ def test_streamed_quantization_is_the_in_memory_model_bit_for_bit(tmp_path, name
     assert ca["quantization_config"] == cb["quantization_config"]
 
 
-def test_a_sharded_checkpoint_and_another_architecture_stream_too(tmp_path):
-    d = _saved(tmp_path, "qwen2", max_shard_size="20KB")
+def test_a_sharded_checkpoint_and_another_architecture_with_a_tied_head_stream_too(tmp_path):
+    d = _saved(tmp_path, "qwen2", {"tie_word_embeddings": True}, max_shard_size="20KB")
     assert (d / "model.safetensors.index.json").exists() and len(list(d.glob("*.safetensors"))) > 2
     recipe = _recipe("gptq-w4g16")
     calib = tiny_inputs(tiny_model("qwen2"), batch=4, seed=1)
     whole = AutoModelForCausalLM.from_pretrained(d).eval()
     quantize(whole, recipe, calib, progress=False)
     streamed, _ = load_streamed(str(d))
+    assert streamed.lm_head.weight is streamed.model.embed_tokens.weight  # tied again after loading
     quantize(streamed, recipe, calib, progress=False)
     ids = tiny_inputs(whole)
     with torch.no_grad():

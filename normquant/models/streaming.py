@@ -150,7 +150,10 @@ def load_streamed(name_or_path: str, *, dtype: str | torch.dtype = "float32") ->
         full = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     blocks_path = resolve_path(full, arch.blocks)
     meta_blocks = full.get_submodule(blocks_path)
-    model = AutoModelForCausalLM.from_config(_with_layers(config, 1), dtype=torch_dtype)  # non-block modules, CPU
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # the non-block modules, on CPU; their weights are replaced by the checkpoint's below
+        model = AutoModelForCausalLM.from_config(_with_layers(config, 1), dtype=torch_dtype)
     if dict(get_blocks(model, arch)[0].named_buffers()).keys() - get_blocks(model, arch)[0].state_dict().keys():
         raise ModelLoadError(f"the blocks of {type(model).__name__} hold buffers the checkpoint does not store; "
                              "--offload cannot rebuild them: load the model without --offload")
@@ -163,12 +166,14 @@ def load_streamed(name_or_path: str, *, dtype: str | torch.dtype = "float32") ->
             if isinstance(getattr(config, "layer_types", None), list):
                 cfg.layer_types = list(config.layer_types)
     _check_names(full, reader, folder)
-    state, aliases = {}, _aliases(model)
+    state, aliases = {}, _aliases(full)  # (ties are made outside no_init_weights)
     for key, t in model.state_dict().items():
         if key.startswith(f"{blocks_path}.") or key in aliases:
             continue
         state[key] = reader.read(key).to(t.dtype)
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=False, assign=True)  # the read tensors themselves: no second copy
+    if aliases:
+        model.tie_weights()  # assign replaced the tied parameter; its aliases follow it again
     setattr(model, _ATTR, (reader, blocks_path))
     return model.eval(), tokenizer
 

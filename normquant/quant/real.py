@@ -22,6 +22,12 @@ The fake path computes ``(s_x q_x)(s_w q_w)ᵀ`` in float32: the same value up t
 with codes of at most 7 bits (``u`` ≤ 127) no pair can. The probe runs a worst-case GEMM: 8 where it is exact
 (VNNI/AMX), else 7. On a 7-bit machine, layers with 8-bit activations stay fake (a recipe with ``bits: 7``
 activations runs for real; fbgemm's ``reduce_range`` is the same constraint).
+
+**On CUDA** (``backend="int_mm"``, the default for a CUDA model): the same codes, signed, through
+``torch._int_mm`` (cuBLASLt int8, int32 sums, exact at 8 bits; more than 16 rows — fewer are zero-padded — and
+K, N multiples of 8, else packed weights with the reason); and W4A16 through tinygemm (:class:`Int4Linear`,
+bfloat16 activations and scales). Both kernels have CPU twins with the same inputs (``torch._int_mm`` on CPU,
+``_weight_int4pack_mm_for_cpu``), which is how the tests check the CUDA code's arithmetic without a GPU.
 """
 from __future__ import annotations
 
@@ -70,11 +76,13 @@ def int8_gemm(u: torch.Tensor, zero: int, packed: torch.Tensor, w_scale: torch.T
                                               "none", [], "")
 
 
-def why_not_int8(ql: QuantLinear, activation_bits: int | None) -> str:
+def why_not_int8(ql: QuantLinear, activation_bits: int | None, backend: str = "onednn") -> str:
     """Why ``ql`` cannot run as an :class:`Int8Linear` here ("" when it can)."""
     w, a = ql.weight_spec, None if ql.input_quant is None else ql.input_quant.spec
     if activation_bits is None:
         return "this PyTorch build has no oneDNN int8 GEMM"
+    if backend == "int_mm" and (ql.in_features % 8 or ql.out_features % 8):
+        return f"shape [{ql.out_features}, {ql.in_features}] (torch._int_mm needs multiples of 8)"
     if w is None or not ql.weight_quantized:
         return "float weights"
     if w.bits != 8 or not w.symmetric or w.granularity not in ("channel", "token", "tensor"):
@@ -87,6 +95,8 @@ def why_not_int8(ql: QuantLinear, activation_bits: int | None) -> str:
     if a.bits > activation_bits:
         return (f"{a.bits}-bit activations: this CPU's int8 GEMM sums at most {activation_bits}-bit codes exactly "
                 "(no VNNI: saturating int16 pair sums)")
+    if a.bits > 8:
+        return f"{a.bits}-bit activations (int8 GEMM)"
     return ""
 
 
@@ -125,14 +135,21 @@ def row_quantizer():
 
 
 class Int8Linear(nn.Module):
-    """A quantized linear run as an int8 GEMM (module docstring); built from a QuantLinear by :meth:`from_quant`."""
+    """A quantized linear run as an int8 GEMM (module docstring); built from a QuantLinear by :meth:`from_quant`.
+
+    ``backend``: ``"onednn"`` (CPU: u8×s8 ``qlinear_pointwise``, unsigned codes) or ``"int_mm"``
+    (``torch._int_mm``: cuBLASLt int8 tensor cores on CUDA, a reference kernel on CPU; signed codes, exact for 8
+    bits; CUDA needs more than 16 rows — fewer are padded with zero rows — and K, N multiples of 8)."""
 
     def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, input_spec,
-                 input_scale: torch.Tensor | None, input_transform: nn.Module | None):
+                 input_scale: torch.Tensor | None, input_transform: nn.Module | None, backend: str = "onednn"):
         super().__init__()
         self.out_features, self.in_features = codes.shape
-        self.input_spec = input_spec
-        self.register_buffer("weight_packed", torch.ops.onednn.qlinear_prepack(codes.contiguous(), None))  # int8
+        self.input_spec, self.backend = input_spec, backend
+        if backend == "onednn":
+            self.register_buffer("weight_packed", torch.ops.onednn.qlinear_prepack(codes.contiguous(), None))  # int8
+        else:
+            self.register_buffer("weight_packed", codes.contiguous())  # int8 [N, K]; the GEMM reads its transpose
         self.register_buffer("weight_scale", w_scale.float().reshape(-1).expand(self.out_features).contiguous())
         self.register_buffer("weight_zero", torch.zeros(self.out_features, dtype=torch.long))
         self.register_buffer("input_scale", input_scale)  # static: [1, 1]; dynamic: None
@@ -140,11 +157,11 @@ class Int8Linear(nn.Module):
         self.input_transform = input_transform
 
     @classmethod
-    def from_quant(cls, ql: QuantLinear) -> "Int8Linear":
+    def from_quant(cls, ql: QuantLinear, backend: str = "onednn") -> "Int8Linear":
         codes, scale, _ = ql.integer_weight()  # int8 [N, K]; scale [N, 1] or [1, 1]
         a = ql.input_quant
         return cls(codes.to(torch.int8), scale, ql.bias, a.spec, None if a.spec.dynamic else a.scale.float(),
-                   ql.input_transform)
+                   ql.input_transform, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is not None:
@@ -152,8 +169,11 @@ class Int8Linear(nn.Module):
         spec, dtype, shape = self.input_spec, x.dtype, x.shape
         xv, _ = activation_view(x, spec)  # compressed-tensors' rows: [B*T, C], or the whole tensor
         u, s = row_quantizer()(xv, spec, None if self.input_scale is None else self.input_scale.to(x.dtype))
-        y = int8_gemm(u.reshape(-1, self.in_features), 2 ** (spec.bits - 1), self.weight_packed, self.weight_scale,
-                      self.weight_zero)  # [M, N]
+        u, zero = u.reshape(-1, self.in_features), 2 ** (spec.bits - 1)
+        if self.backend == "onednn":
+            y = int8_gemm(u, zero, self.weight_packed, self.weight_scale, self.weight_zero)  # [M, N]
+        else:
+            y = int_mm_gemm((u.to(torch.int16) - zero).to(torch.int8), self.weight_packed, self.weight_scale)
         y = y.reshape(*shape[:-1], self.out_features).mul_(s.reshape(*shape[:-1], 1) if s.numel() > 1 else s)
         if self.bias is not None:
             y = y + self.bias
@@ -161,7 +181,82 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
-                f"int8 x {self.input_spec.short()}")
+                f"int8 x {self.input_spec.short()} ({self.backend})")
+
+
+def int_mm_gemm(q: torch.Tensor, codes: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """``w_scale ⊙ Σ_k q q_w`` ``[M, N]`` float32 through ``torch._int_mm`` (int32 sums); ``q`` int8 ``[M, K]``,
+    ``codes`` int8 ``[N, K]``. CUDA's kernel takes more than 16 rows: fewer are padded with zeros."""
+    m = q.shape[0]
+    if q.is_cuda and m <= 16:
+        q = torch.cat([q, q.new_zeros(17 - m, q.shape[1])])
+    return torch._int_mm(q, codes.t())[:m].float().mul_(w_scale)
+
+
+class Int4Linear(nn.Module):
+    """W4A16 through PyTorch's int4 GEMM: tinygemm (``torch.ops.aten._weight_int4pack_mm``, CUDA, bfloat16) or
+    its CPU twin (``_weight_int4pack_mm_for_cpu``, the activations' dtype). The kernel dequantizes
+    ``(u - 8) · s + z_t`` per group from unsigned 4-bit codes ``u``; normquant's ``s (q - z)`` is that with
+    ``u = q`` and ``z_t = s (8 - z)`` (asymmetric) or ``u = q + 8``, ``z_t = 0`` (symmetric); per-channel scales are
+    repeated over groups of 128. Scales and activations run in the kernel's dtype, so outputs match the fake path
+    to that dtype's rounding (bfloat16 on CUDA), not bit for bit."""
+
+    GROUPS = (32, 64, 128, 256)
+
+    def __init__(self, ql: QuantLinear, device: torch.device):
+        super().__init__()
+        spec = ql.weight_spec
+        codes, scale, zero = ql.integer_weight()  # [N, K]; [n, 1] rows of the reduction view
+        n, k = codes.shape
+        g = spec.group_size if spec.granularity == "group" else 128
+        self.out_features, self.in_features, self.group_size = n, k, g
+        self.dtype = torch.bfloat16 if device.type == "cuda" else ql.weight.dtype
+        s = scale.float().reshape(n, -1).repeat_interleave(k // g // scale.reshape(n, -1).shape[1], dim=1)  # [N, K/g]
+        z = zero.float().reshape(n, -1).repeat_interleave(k // g // zero.reshape(n, -1).shape[1], dim=1)
+        u = codes.int() + (8 if spec.symmetric else 0)  # unsigned 0..15
+        z_t = torch.zeros_like(s) if spec.symmetric else s * (8 - z)
+        self.register_buffer("scales_and_zeros", torch.stack([s, z_t], dim=2).transpose(0, 1).contiguous()
+                             .to(device=device, dtype=self.dtype))  # [K/g, N, 2]
+        tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+        if device.type == "cuda":
+            nibbles = ((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8).to(device)  # [N, K/2]
+            self.register_buffer("weight_packed", torch.ops.aten._convert_weight_to_int4pack(nibbles, tiles))
+        else:
+            self.register_buffer("weight_packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, tiles))
+        self.bias = ql.bias
+        self.input_transform = ql.input_transform
+
+    @staticmethod
+    def why_not(ql: QuantLinear) -> str:
+        """Why ``ql`` cannot run through the int4 kernel ("" when it can)."""
+        w = ql.weight_spec
+        if w is None or not ql.weight_quantized or w.bits != 4:
+            return "not a 4-bit weight"
+        if ql.input_quant is not None:
+            return "quantized activations (the int4 kernel takes float activations)"
+        n, k = ql.out_features, ql.in_features
+        if w.granularity == "group" and w.group_size not in Int4Linear.GROUPS:
+            return f"group size {w.group_size} (the kernel takes {', '.join(map(str, Int4Linear.GROUPS))})"
+        if w.granularity == "tensor":
+            return "per-tensor scale"
+        g = w.group_size if w.granularity == "group" else 128
+        if k % g or k % 32 or n % 8:
+            return f"shape [{n}, {k}] (needs in_features divisible by {max(g, 32)}, out_features by 8)"
+        return ""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        dtype, shape = x.dtype, x.shape
+        x2 = x.reshape(-1, self.in_features).to(self.dtype)
+        mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        y = mm(x2, self.weight_packed, self.group_size, self.scales_and_zeros).reshape(*shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int4 g{self.group_size} x {self.dtype}"
 
 
 class PackedLinear(nn.Module):
@@ -237,22 +332,30 @@ def pack_weights(root: nn.Module) -> int:
     return n
 
 
-def convert(model: nn.Module) -> dict:
+def convert(model: nn.Module, *, backend: str | None = None, int4: bool | None = None) -> dict:
     """Run the quantized linears of ``model`` for real, in place: an :class:`Int8Linear` where the int8 GEMM
-    applies here, else a :class:`PackedLinear` (packed weights, the same outputs) for every quantized weight;
-    QuantLinears with float weights stay as they are. Returns ``{"converted": {name: "int8-gemm" |
-    "packed-weights"}, "kept": {name: why}, "why_not_int8": {name: why}, "activation_bits": b}``."""
+    applies, an :class:`Int4Linear` for 4-bit weights with float activations when ``int4`` (default: on CUDA,
+    where tinygemm is fast; on CPU the kernel is slow with float32 activations), else a :class:`PackedLinear`
+    (packed weights, the same outputs) for every quantized weight; QuantLinears with float weights stay as they
+    are. ``backend``: ``"onednn"`` (CPU default) or ``"int_mm"`` (CUDA default; also runs on CPU, for tests).
+    Returns ``{"converted": {name: "int8-gemm" | "int4-gemm" | "packed-weights"}, "kept": {name: why},
+    "why_not_int8": {name: why}, "activation_bits": b, "backend": backend}``."""
     if prefix_of(model) is not None:
         raise QuantError("this model has a PrefixQuant prefix, whose positions the integer GEMM would quantize: "
                          "evaluate it without --real")
-    bits = exact_activation_bits()
-    report: dict = {"converted": {}, "kept": {}, "why_not_int8": {}, "activation_bits": bits}
+    device = next(model.parameters()).device
+    backend = backend or ("int_mm" if device.type == "cuda" else "onednn")
+    int4 = device.type == "cuda" if int4 is None else int4
+    bits = exact_activation_bits() if backend == "onednn" else 8  # int_mm: int8 x int8 -> int32, exact
+    report: dict = {"converted": {}, "kept": {}, "why_not_int8": {}, "activation_bits": bits, "backend": backend}
     for name, module in list(model.named_modules()):
         if not isinstance(module, QuantLinear):
             continue
-        why = why_not_int8(module, bits)
+        why = why_not_int8(module, bits, backend)
         if not why:
-            real, kind = Int8Linear.from_quant(module), "int8-gemm"
+            real, kind = Int8Linear.from_quant(module, backend), "int8-gemm"
+        elif int4 and not Int4Linear.why_not(module):
+            real, kind = Int4Linear(module, module.weight.device), "int4-gemm"
         elif module.weight_spec is not None and module.weight_quantized:
             real, kind = PackedLinear(module), "packed-weights"
             report["why_not_int8"][name] = why
@@ -263,4 +366,3 @@ def convert(model: nn.Module) -> dict:
         setattr(model.get_submodule(parent) if parent else model, child, real)
         report["converted"][name] = kind
     return report
-
