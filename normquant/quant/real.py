@@ -210,13 +210,13 @@ class Int4Linear(nn.Module):
         n, k = codes.shape
         g = spec.group_size if spec.granularity == "group" else 128
         self.out_features, self.in_features, self.group_size = n, k, g
-        self.dtype = torch.bfloat16 if device.type == "cuda" else ql.weight.dtype
+        dtype = torch.bfloat16 if device.type == "cuda" else ql.weight.dtype  # the kernel's; .to() may change it
         s = scale.float().reshape(n, -1).repeat_interleave(k // g // scale.reshape(n, -1).shape[1], dim=1)  # [N, K/g]
         z = zero.float().reshape(n, -1).repeat_interleave(k // g // zero.reshape(n, -1).shape[1], dim=1)
         u = codes.int() + (8 if spec.symmetric else 0)  # unsigned 0..15
         z_t = torch.zeros_like(s) if spec.symmetric else s * (8 - z)
         self.register_buffer("scales_and_zeros", torch.stack([s, z_t], dim=2).transpose(0, 1).contiguous()
-                             .to(device=device, dtype=self.dtype))  # [K/g, N, 2]
+                             .to(device=device, dtype=dtype))  # [K/g, N, 2]
         tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
         if device.type == "cuda":
             nibbles = ((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8).to(device)  # [N, K/2]
@@ -248,7 +248,7 @@ class Int4Linear(nn.Module):
         if self.input_transform is not None:
             x = self.input_transform(x)
         dtype, shape = x.dtype, x.shape
-        x2 = x.reshape(-1, self.in_features).to(self.dtype)
+        x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
         mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
         y = mm(x2, self.weight_packed, self.group_size, self.scales_and_zeros).reshape(*shape[:-1], self.out_features)
         if self.bias is not None:
@@ -256,7 +256,7 @@ class Int4Linear(nn.Module):
         return y.to(dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int4 g{self.group_size} x {self.dtype}"
+        return f"in={self.in_features}, out={self.out_features}, int4 g{self.group_size} x {self.scales_and_zeros.dtype}"
 
 
 class PackedLinear(nn.Module):
