@@ -150,3 +150,23 @@ def test_cli_run_with_offload_measures_and_exports_what_the_in_memory_run_does(t
     assert main(["run", "recipes/w4a16_g64_gptq.yaml", "--model", str(d), "--offload", "--device", "auto",
                  "--data-dir", str(data_dir), "--quiet"]) == 2
     assert "drop --device auto" in capsys.readouterr().err
+
+
+def test_a_device_map_model_is_processed_where_accelerate_put_its_blocks(tmp_path):
+    """The multi-device path (``--device auto``: accelerate's device_map, blocks left on their devices), run with a
+    one-device map here — no machine of this project has two GPUs; the result is the plain in-memory one."""
+    d = _saved(tmp_path)
+    recipe = _recipe("gptq-w4g16")
+    calib = tiny_inputs(tiny_model("llama"), batch=4, seed=1)
+    whole = AutoModelForCausalLM.from_pretrained(d).eval()
+    quantize(whole, recipe, calib, progress=False)
+    from accelerate import dispatch_model
+
+    device_map = {"model.embed_tokens": "cpu", **{f"model.layers.{i}": "cpu" for i in range(3)}, "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}  # transformers dispatches only maps of 2+ devices
+    mapped = dispatch_model(AutoModelForCausalLM.from_pretrained(d).eval(), device_map)
+    assert mapped.hf_device_map
+    quantize(mapped, recipe, calib, progress=False)
+    ids = tiny_inputs(whole)
+    with torch.no_grad():
+        assert torch.equal(whole(ids).logits, mapped(ids).logits)
