@@ -125,6 +125,11 @@ def test_checkpoints_it_cannot_stream_are_one_line(tmp_path):
         load_streamed(str(renamed))
     with pytest.raises(ModelLoadError, match="not a single file"):
         load_streamed(str(renamed / "model.safetensors"))
+    whole = AutoModelForCausalLM.from_pretrained(_saved(tmp_path, "qwen2")).eval()
+    quantize(whole, _recipe("rtn-w4g16-a8-token"), progress=False)
+    export_model(whole, None, tmp_path / "export")
+    with pytest.raises(ModelLoadError, match="already quantized"):
+        load_streamed(str(tmp_path / "export"))
 
 
 

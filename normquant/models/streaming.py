@@ -136,6 +136,11 @@ def load_streamed(name_or_path: str, *, dtype: str | torch.dtype = "float32") ->
 
     torch_dtype = resolve_dtype(dtype)
     folder = _folder(str(name_or_path))
+    from normquant.export import is_normquant_export
+
+    if is_normquant_export(folder):
+        raise ModelLoadError(f"{folder} is a normquant export, already quantized: --offload reads float checkpoints "
+                             "to quantize them; evaluate the export without --offload")
     reader = CheckpointReader(folder)
     try:
         config = AutoConfig.from_pretrained(folder)
