@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from normquant.data.selfgen import cache_argument
+from normquant.models.arch import cache_argument
 from normquant.data.text import tokenize_eval
 from normquant.evaluation.perplexity import evaluate_perplexity
 from normquant.evaluation.records import environment, perplexity_record, write_json

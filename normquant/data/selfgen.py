@@ -32,7 +32,6 @@ torch.Size([128, 2048])
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import os
 import re
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 from normquant.data.text import DataError
+from normquant.models.arch import cache_argument
 from normquant.io import atomic_file
 from normquant.progress import progress_bar
 
@@ -206,12 +206,6 @@ def _generate_batch(model: nn.Module, first: torch.Tensor, n_greedy: torch.Tenso
         ids[:, j] = torch.where(j <= n_greedy, greedy, sampled)
         cur = ids[:, j:j + 1]
     return ids.cpu()
-
-
-def cache_argument(model: nn.Module) -> str:
-    """The name under which the model's ``forward`` takes and returns the KV cache: ``cache`` in the transformers
-    releases that renamed it (``past_key_values`` warns there that it goes in 5.40), ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def generate_calibration(model: nn.Module, tokenizer, n: int = 128, seqlen: int = 2048, seed: int = 0,

@@ -26,7 +26,7 @@ from normquant.quant.kv import KVCacheSpec, head_dim_of, kv_bits_per_element, kv
 from normquant.quant.kv_cache import QuantizedKVCache
 from normquant.quant.prefix import float_prefix, prefix_of, prepend_prefix
 
-from normquant.data.selfgen import cache_argument
+from normquant.models.arch import cache_argument
 from normquant.data.text import DataError
 from normquant.models.streaming import check_materialized
 

@@ -36,6 +36,7 @@ LinearMapping(source='self_attn.v_proj', consumer='self_attn.o_proj', through='a
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -490,3 +491,9 @@ def resolve_path(model: nn.Module, path: str) -> str:
         except AttributeError:
             pass
     raise UnsupportedArchitecture(f"module '{path}' not found in {type(model).__name__} (tried {', '.join(candidates)})")
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which the model's ``forward`` takes and returns the KV cache: ``cache`` in the transformers
+    releases that renamed it (``past_key_values`` warns there that it goes in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
