@@ -28,6 +28,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from normquant.evaluation.records import git_commit  # noqa: E402
+
 HUB_ID = ["eval", "--model", "some-org/not-a-model", "--windows", "1"]
 COMMANDS = {  # name -> (arguments, with HF_HUB_OFFLINE=1)
     "offline_hub_id": (HUB_ID, True),
@@ -54,8 +57,7 @@ def measure(tree: Path) -> dict:
                               env=_env(tree, True), capture_output=True, text=True, check=True).stdout.strip()
     if not Path(imported).resolve().is_relative_to(tree):
         raise SystemExit(f"normquant imported from {imported}, not from {tree}")
-    dirty = _git(tree, "status", "--porcelain", "--untracked-files=no")
-    out = {"tree": str(tree), "commit": _git(tree, "rev-parse", "--short=12", "HEAD") + ("-dirty" if dirty else ""),
+    out = {"tree": str(tree), "commit": git_commit(tree),
            "untracked_package_files": _git(tree, "ls-files", "--others", "--exclude-standard", "normquant").split(),
            "normquant_imported_from": imported}
     for name, (args, offline) in COMMANDS.items():

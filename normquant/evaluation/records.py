@@ -12,8 +12,10 @@ from normquant import __version__
 from normquant.io import atomic_write_text
 
 
-def git_commit() -> str:
-    here = Path(__file__).resolve().parent
+def git_commit(tree: str | Path | None = None) -> str:
+    """``<short sha>`` of the checkout holding ``tree`` (default: this package), ``-dirty`` when its code (not its
+    ``eval/`` records) has uncommitted changes; ``unknown`` outside git."""
+    here = Path(tree) if tree is not None else Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
                              timeout=5)
