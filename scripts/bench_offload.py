@@ -2,7 +2,8 @@
 
 A random-weight llama (``--hidden``, ``--intermediate``, ``--layers``, vocab 32000, untied head, float32) is
 saved once as safetensors. Each measurement is a fresh child process that imports normquant, then quantizes it
-(GPTQ W4 g128, ``--samples`` x ``--seqlen`` random calibration tokens) and exports it:
+(``--recipe``: ``rtn`` W4 g128, data-free; or ``gptq`` W4 g128 on ``--samples`` x ``--seqlen`` random calibration
+tokens, whose Hessians and float64 Cholesky of the widest layer add their own working set) and exports it:
 
 * ``memory``: ``AutoModelForCausalLM.from_pretrained`` + ``quantize`` (the whole float model resident);
 * ``streamed``: ``normquant.load(..., offload=True)`` + ``quantize`` (one float block at a time, finished
@@ -18,6 +19,8 @@ size after the imports plus ``--budget-mib`` (an allocation past it fails with `
 its peak anonymous memory (``RssAnon`` sampled every 20 ms), each above its value after the imports.
 
     python scripts/bench_offload.py --out eval/offload_cpu.json
+    python scripts/bench_offload.py --recipe gptq --budget-mib 3584 --runs memory-capped streamed streamed-capped \
+        --out eval/offload_cpu_gptq.json
 """
 from __future__ import annotations
 
@@ -46,11 +49,11 @@ peak = [0]
 def sample():
     while True:
         peak[0] = max(peak[0], status("RssAnon")); time.sleep(0.02)
-folder, mode, budget, samples, seqlen, export = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+folder, mode, budget, samples, seqlen, export, step = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7]
 torch.manual_seed(0)
-calib = torch.randint(0, 32000, (samples, seqlen))
+calib = torch.randint(0, 32000, (samples, seqlen)) if step == "gptq" else None
 recipe = parse_recipe({"scheme": {"ignore": ["lm_head"], "weights": {"bits": 4, "granularity": "group", "group_size": 128}},
-                       "steps": ["gptq"], "calibration": {"samples": samples, "seqlen": seqlen, "batch_size": 1}})
+                       "steps": [step], "calibration": {"samples": samples, "seqlen": seqlen, "batch_size": 1}})
 base_anon, base_rss, base_vm = status("RssAnon"), status("VmRSS"), status("VmSize")
 if budget and os.environ.get("NQ_CAP") == "rlimit":
     resource.setrlimit(resource.RLIMIT_AS, (base_vm + budget, resource.RLIM_INFINITY))
@@ -135,7 +138,7 @@ def memory_cgroup(budget: int) -> Path | None:
     return None
 
 
-def child(folder: Path, mode: str, budget: int, samples: int, seqlen: int, threads: int, cap: str) -> dict:
+def child(folder: Path, mode: str, budget: int, samples: int, seqlen: int, threads: int, cap: str, step: str) -> dict:
     group = memory_cgroup(budget) if budget and cap == "cgroup" else None
     if budget and cap == "cgroup" and group is None:
         raise SystemExit("--cap cgroup: cannot create a memory cgroup here (needs root); use --cap rlimit")
@@ -144,7 +147,7 @@ def child(folder: Path, mode: str, budget: int, samples: int, seqlen: int, threa
         with tempfile.TemporaryDirectory() as tmp:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "NORMQUANT_COMPILE": "0", "NQ_CAP": cap}
             p = subprocess.run([sys.executable, "-c", CHILD, str(folder), mode, str(budget), str(samples), str(seqlen),
-                                str(Path(tmp) / "export")], capture_output=True, text=True, env=env, preexec_fn=enter)
+                                str(Path(tmp) / "export"), step], capture_output=True, text=True, env=env, preexec_fn=enter)
     finally:
         if group is not None:
             group.rmdir()
@@ -165,6 +168,9 @@ def main() -> None:
                     "allowed above the child's after its imports (rlimit)")
     ap.add_argument("--cap", choices=["cgroup", "rlimit"], help="how the budget is imposed (default: cgroup where "
                     "one can be created, else rlimit)")
+    ap.add_argument("--recipe", choices=["rtn", "gptq"], default="rtn")
+    ap.add_argument("--runs", nargs="+", default=["memory", "memory-capped", "streamed", "streamed-capped"],
+                    help="which of the four runs (a run known to exceed the cap can be left out)")
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
@@ -179,19 +185,21 @@ def main() -> None:
     model = make_model(folder, args.hidden, args.intermediate, args.layers)
     budget = args.budget_mib * 2**20
     runs = []
-    for mode in ("memory", "streamed"):
-        for b in (0, budget):
-            t0 = time.perf_counter()
-            r = child(folder, mode, b, args.samples, args.seqlen, args.threads, cap)
-            runs.append(r)
-            print(f"{mode:9s} budget {b / 2**20:6.0f} MiB: ok={r['ok']} peak anon +"
-                  f"{r.get('peak_rss_anon_above_imports', 0) / 2**20:.0f} MiB, RSS +{r.get('peak_rss_above_imports', 0) / 2**20:.0f} "
-                  f"MiB ({time.perf_counter() - t0:.0f} s) "
-                  f"{r.get('error', '')}", flush=True)
-    out = {"model": model, "recipe": "GPTQ W4 g128 (lm_head float), export", "calibration":
-           {"samples": args.samples, "seqlen": args.seqlen, "tokens": "random ids, seed 0"},
+    env = environment()  # the code the children run: this checkout, now
+    for run in args.runs:
+        mode, b = run.split("-")[0], budget if run.endswith("-capped") else 0
+        t0 = time.perf_counter()
+        r = child(folder, mode, b, args.samples, args.seqlen, args.threads, cap, args.recipe)
+        runs.append(r)
+        print(f"{mode:9s} budget {b / 2**20:6.0f} MiB: ok={r['ok']} peak anon +"
+              f"{r.get('peak_rss_anon_above_imports', 0) / 2**20:.0f} MiB, RSS +"
+              f"{r.get('peak_rss_above_imports', 0) / 2**20:.0f} MiB ({time.perf_counter() - t0:.0f} s) "
+              f"{r.get('error', '')}", flush=True)
+    out = {"model": model, "recipe": f"{args.recipe.upper()} W4 g128 (lm_head float), export", "calibration":
+           {"samples": args.samples, "seqlen": args.seqlen, "tokens": "random ids, seed 0"} if args.recipe == "gptq"
+           else None,
            "budget": {"cap": cap, "budget_mib": args.budget_mib, "how": CAPS[cap]}, "threads": args.threads, "runs": runs,
-           "environment": environment()}
+           "environment": env}
     write_json(args.out, out)
     print(f"wrote {args.out}")
 

@@ -460,11 +460,10 @@ def _offload(r):
                                           f"fails ({u['error'].split(':')[0]})")
 
     return f"""**Models larger than memory** (`scripts/bench_offload.py`, `eval/offload_cpu.json`, {x['threads']} thread(s)): a random-weight
-llama ({m['layers']} blocks, hidden {m['hidden']}, MLP {m['intermediate']}, vocab {m['vocab']}, untied head) of {m['checkpoint_bytes'] / gib:.2f} GiB in float32, {x['recipe']},
-{x['calibration']['samples']}×{x['calibration']['seqlen']} calibration tokens. Peak resident memory above the imports: in memory {peak('memory'):.2f} GiB, streamed (`--offload`)
-{peak('streamed'):.2f} GiB (one float block is {m['float_block_bytes'] / gib:.2f} GiB, the embeddings and head {m['non_block_bytes'] / gib:.2f} GiB, the packed blocks
-{runs['streamed', False]['packed_bytes'] / gib:.2f} GiB). Under a {x['budget']['budget_mib'] / 1024:.1f} GiB cap ({x['budget']['cap']}: {x['budget']['how']}) the in-memory run
-{outcome('memory')} and the streamed one {outcome('streamed')}.
+llama ({m['layers']} blocks, hidden {m['hidden']}, MLP {m['intermediate']}, vocab {m['vocab']}, untied head) of {m['checkpoint_bytes'] / gib:.2f} GiB in float32, {x['recipe']}.
+Peak resident memory above the imports: in memory {peak('memory'):.2f} GiB, streamed (`--offload`) {peak('streamed'):.2f} GiB — one float
+block is {m['float_block_bytes'] / gib:.2f} GiB, the embeddings and head {m['non_block_bytes'] / gib:.2f} GiB, the packed blocks {runs['streamed', False]['packed_bytes'] / gib:.2f} GiB. Under a
+{x['budget']['budget_mib'] / 1024:.1f} GiB cap ({x['budget']['cap']}: {x['budget']['how']}) the in-memory run {outcome('memory')}, the streamed one {outcome('streamed')}.
 """
 
 
