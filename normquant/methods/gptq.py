@@ -183,6 +183,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_si
         col_group = [c // g for c in order]  # loop column -> group (by original column index)
 
         Hinv = _inverse_cholesky_upper(H, percdamp, who).to(torch.float32)  # U with (H + λI)⁻¹ = UᵀU
+        del H  # [in, in] float64: not needed past here (the widest layer's dominates GPTQ's working memory)
         Q = torch.zeros_like(W)
         loss = torch.zeros((), dtype=torch.float64, device=device)
 
@@ -222,12 +223,17 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_si
 def _inverse_cholesky_upper(H: torch.Tensor, percdamp: float, who: str) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` with ``λ = percdamp·mean(diag H)``, retrying larger dampening."""
     mean_diag = torch.diag(H).mean()
-    for attempt in range(DAMP_RETRIES + 1):
+    for attempt in range(DAMP_RETRIES + 1):  # at most three [in, in] float64 matrices alive at once (H included)
         damp = percdamp * 10**attempt
-        Hd = H + damp * mean_diag * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * mean_diag)  # H + λI, without materializing λI
         L, info = torch.linalg.cholesky_ex(Hd)  # H + λI = L Lᵀ
+        del Hd
         if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)  # (H + λI)⁻¹ = UᵀU
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)  # (H + λI)⁻¹ = UᵀU
+            del inverse
             if info == 0:
                 return U
         if attempt < DAMP_RETRIES:
