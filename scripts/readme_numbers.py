@@ -459,11 +459,14 @@ def _offload(r):
         return "finishes" if u["ok"] else ("is killed (out of memory)" if u.get("returncode") == -9 else
                                           f"fails ({u['error'].split(':')[0]})")
 
-    return f"""**Models larger than memory** (`scripts/bench_offload.py`, `eval/offload_cpu.json`, {x['threads']} thread(s)): a random-weight
-llama ({m['layers']} blocks, hidden {m['hidden']}, MLP {m['intermediate']}, vocab {m['vocab']}, untied head) of {m['checkpoint_bytes'] / gib:.2f} GiB in float32, {x['recipe']}.
-Peak resident memory above the imports: in memory {peak('memory'):.2f} GiB, streamed (`--offload`) {peak('streamed'):.2f} GiB — one float
-block is {m['float_block_bytes'] / gib:.2f} GiB, the embeddings and head {m['non_block_bytes'] / gib:.2f} GiB, the packed blocks {runs['streamed', False]['packed_bytes'] / gib:.2f} GiB. Under a
-{x['budget']['budget_mib'] / 1024:.1f} GiB cap ({x['budget']['cap']}: {x['budget']['how']}) the in-memory run {outcome('memory')}, the streamed one {outcome('streamed')}.
+    cap = x["budget"]["budget_mib"] / 1024
+    how = (f"a {cap:.1f} GiB memory cgroup (everything the process holds counts, as on a machine with that much RAM)"
+           if x["budget"]["cap"] == "cgroup" else f"RLIMIT_AS of {cap:.1f} GiB above the imports")
+    return f"""**Models larger than memory** (`scripts/bench_offload.py`, `eval/offload_cpu.json`, {x['threads']} thread): a random-weight llama
+({m['layers']} blocks, hidden {m['hidden']}, MLP {m['intermediate']}, vocab {m['vocab']}, untied head), {m['checkpoint_bytes'] / gib:.2f} GiB in float32, {x['recipe']}. Peak
+resident memory above the imports: in memory {peak('memory'):.2f} GiB ({runs['memory', False]['peak_rss_anon_above_imports'] / gib:.2f} anonymous, the rest the mapped checkpoint), streamed (`--offload`)
+{peak('streamed'):.2f} GiB — the embeddings and head are {m['non_block_bytes'] / gib:.2f} GiB, the packed blocks {runs['streamed', False]['packed_bytes'] / gib:.2f} GiB, one float block {m['float_block_bytes'] / gib:.2f} GiB. Under
+{how} the in-memory run {outcome('memory')}; the streamed one {outcome('streamed')}.
 """
 
 
