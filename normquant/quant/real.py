@@ -6,9 +6,10 @@ bit width, dequantized per call: the fake path's numbers, bit for bit, in a frac
 which and why. The fake path stays the reference: the real one computes the same integers.
 
 **Int8Linear** (W8A8 on CPU): int8 symmetric weights (per output channel or per tensor; the codes of
-:meth:`QuantLinear.integer_weight`) and symmetric activations — dynamic per token with compressed-tensors'
-arithmetic (:func:`~normquant.quant.primitives.serving_qparams_view`, ``clip_ratio`` included) or static per
-tensor (the calibrated scale) — through oneDNN's u8×s8 GEMM (``torch.ops.onednn.qlinear_pointwise``) with int32
+:meth:`QuantLinear.integer_weight`) and activations dynamic per token (symmetric, compressed-tensors' arithmetic:
+:func:`~normquant.quant.primitives.serving_qparams_view`, ``clip_ratio`` included) or static per tensor (the
+calibrated scale; asymmetric too: its integer zero point ``z`` is oneDNN's activation zero point, or on
+``int_mm`` the precomputed correction ``z · Σ_k q_w``, so ``Σ (q - z) q_w`` is still an exact integer sum) — through oneDNN's u8×s8 GEMM (``torch.ops.onednn.qlinear_pointwise``) with int32
 accumulation::
 
     q_x = round(clamp(x / s_x, -2^(b-1), 2^(b-1)-1))            [M, K]  the fake path's codes, op for op
@@ -89,7 +90,7 @@ def why_not_int8(ql: QuantLinear, activation_bits: int | None, backend: str = "o
         return f"weights {w.short()} (needs int8 symmetric per channel or per tensor)"
     if a is None:
         return "float activations (weight-only)"
-    if not a.symmetric or a.outlier_threshold is not None or not (
+    if (a.dynamic and not a.symmetric) or a.outlier_threshold is not None or not (
             (a.dynamic and a.granularity == "token") or (not a.dynamic and a.granularity == "tensor")):
         return f"activations {a.short()} (needs symmetric dynamic per-token or static per-tensor)"
     if a.bits > activation_bits:
@@ -100,13 +101,18 @@ def why_not_int8(ql: QuantLinear, activation_bits: int | None, backend: str = "o
     return ""
 
 
-def quantize_rows(xv: torch.Tensor, spec, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(xv: torch.Tensor, spec, scale: torch.Tensor | None = None,
+                  zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Unsigned activation codes ``u = q + 2^(b-1)`` ``[n, k]`` uint8 and the scale ``[n, 1]`` (or the static one) of
-    a reduction view: ``q`` is :func:`~normquant.quant.primitives.fake_quantize_serving_view`'s, op for op."""
+    a reduction view: ``q`` is :func:`~normquant.quant.primitives.fake_quantize_serving_view`'s, op for op (a static
+    asymmetric ``zero``, on the signed grid, is added before the clamp and rounding, as there)."""
     s = serving_qparams_view(xv, spec)[0] if scale is None else scale
-    zero = 2 ** (spec.bits - 1)
-    q = torch.div(xv, s).clamp_(-zero, zero - 1).round_()
-    return (q + zero).to(torch.uint8), s
+    half = 2 ** (spec.bits - 1)
+    v = torch.div(xv, s)
+    if zero is not None:
+        v.add_(zero)
+    q = v.clamp_(-half, half - 1).round_()
+    return (q + half).to(torch.uint8), s
 
 
 _COMPILED: dict = {}
@@ -121,14 +127,14 @@ def row_quantizer():
     if "fn" not in _COMPILED:
         compiled = torch.compile(quantize_rows)
 
-        def guarded(xv, spec, scale=None):
+        def guarded(xv, spec, scale=None, zero=None):
             try:
-                return compiled(xv, spec, scale)
+                return compiled(xv, spec, scale, zero)
             except Exception as e:  # no C++ compiler, an unsupported platform: the eager codes are the same
                 log.warning("torch.compile of the activation quantizer failed (%s); running it eagerly",
                             one_line(e, 160))
                 _COMPILED["failed"] = True
-                return quantize_rows(xv, spec, scale)
+                return quantize_rows(xv, spec, scale, zero)
 
         _COMPILED["fn"] = guarded
     return _COMPILED["fn"]
@@ -142,14 +148,18 @@ class Int8Linear(nn.Module):
     bits; CUDA needs more than 16 rows — fewer are padded with zero rows — and K, N multiples of 8)."""
 
     def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, input_spec,
-                 input_scale: torch.Tensor | None, input_transform: nn.Module | None, backend: str = "onednn"):
+                 input_scale: torch.Tensor | None, input_transform: nn.Module | None, backend: str = "onednn",
+                 input_zero: int = 0):
         super().__init__()
         self.out_features, self.in_features = codes.shape
         self.input_spec, self.backend = input_spec, backend
+        self.input_zero = int(input_zero)  # static asymmetric: the zero point on the signed grid (0 otherwise)
         if backend == "onednn":
             self.register_buffer("weight_packed", torch.ops.onednn.qlinear_prepack(codes.contiguous(), None))  # int8
         else:
             self.register_buffer("weight_packed", codes.contiguous())  # int8 [N, K]; the GEMM reads its transpose
+        # Σ_k q_w per output: the zero point's correction, Σ (q - z) q_w = Σ q q_w - z Σ q_w (int_mm; exact in int32)
+        self.register_buffer("weight_row_sums", codes.int().sum(dim=1) if backend == "int_mm" else None)
         self.register_buffer("weight_scale", w_scale.float().reshape(-1).expand(self.out_features).contiguous())
         self.register_buffer("weight_zero", torch.zeros(self.out_features, dtype=torch.long))
         self.register_buffer("input_scale", input_scale)  # static: [1, 1]; dynamic: None
@@ -160,20 +170,24 @@ class Int8Linear(nn.Module):
     def from_quant(cls, ql: QuantLinear, backend: str = "onednn") -> "Int8Linear":
         codes, scale, _ = ql.integer_weight()  # int8 [N, K]; scale [N, 1] or [1, 1]
         a = ql.input_quant
+        zero = 0 if a.spec.symmetric else int(a.zero_point.item()) - 2 ** (a.spec.bits - 1)  # static asymmetric
         return cls(codes.to(torch.int8), scale, ql.bias, a.spec, None if a.spec.dynamic else a.scale.float(),
-                   ql.input_transform, backend)
+                   ql.input_transform, backend, zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is not None:
             x = self.input_transform(x)
         spec, dtype, shape = self.input_spec, x.dtype, x.shape
         xv, _ = activation_view(x, spec)  # compressed-tensors' rows: [B*T, C], or the whole tensor
-        u, s = row_quantizer()(xv, spec, None if self.input_scale is None else self.input_scale.to(x.dtype))
-        u, zero = u.reshape(-1, self.in_features), 2 ** (spec.bits - 1)
-        if self.backend == "onednn":
-            y = int8_gemm(u, zero, self.weight_packed, self.weight_scale, self.weight_zero)  # [M, N]
+        z = self.input_zero
+        u, s = row_quantizer()(xv, spec, None if self.input_scale is None else self.input_scale.to(x.dtype),
+                               None if not z else torch.tensor(float(z), dtype=x.dtype, device=x.device))
+        u, half = u.reshape(-1, self.in_features), 2 ** (spec.bits - 1)
+        if self.backend == "onednn":  # u - (half + z) = q - z: oneDNN subtracts the activation zero point itself
+            y = int8_gemm(u, half + z, self.weight_packed, self.weight_scale, self.weight_zero)  # [M, N]
         else:
-            y = int_mm_gemm((u.to(torch.int16) - zero).to(torch.int8), self.weight_packed, self.weight_scale)
+            y = int_mm_gemm((u.to(torch.int16) - half).to(torch.int8), self.weight_packed, self.weight_scale, z,
+                            self.weight_row_sums)
         y = y.reshape(*shape[:-1], self.out_features).mul_(s.reshape(*shape[:-1], 1) if s.numel() > 1 else s)
         if self.bias is not None:
             y = y + self.bias
@@ -184,13 +198,18 @@ class Int8Linear(nn.Module):
                 f"int8 x {self.input_spec.short()} ({self.backend})")
 
 
-def int_mm_gemm(q: torch.Tensor, codes: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """``w_scale ⊙ Σ_k q q_w`` ``[M, N]`` float32 through ``torch._int_mm`` (int32 sums); ``q`` int8 ``[M, K]``,
-    ``codes`` int8 ``[N, K]``. CUDA's kernel takes more than 16 rows: fewer are padded with zeros."""
+def int_mm_gemm(q: torch.Tensor, codes: torch.Tensor, w_scale: torch.Tensor, zero: int = 0,
+                row_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """``w_scale ⊙ Σ_k (q - zero) q_w`` ``[M, N]`` float32 through ``torch._int_mm`` (int32 sums); ``q`` int8
+    ``[M, K]``, ``codes`` int8 ``[N, K]``; a zero point is the precomputed correction ``zero · Σ_k q_w``
+    (``row_sums`` ``[N]`` int32). CUDA's kernel takes more than 16 rows: fewer are padded with zeros."""
     m = q.shape[0]
     if q.is_cuda and m <= 16:
         q = torch.cat([q, q.new_zeros(17 - m, q.shape[1])])
-    return torch._int_mm(q, codes.t())[:m].float().mul_(w_scale)
+    acc = torch._int_mm(q, codes.t())[:m]
+    if zero:
+        acc = acc - zero * row_sums
+    return acc.float().mul_(w_scale)
 
 
 class Int4Linear(nn.Module):
