@@ -13,10 +13,11 @@ README shows that no record holds (``unbacked``); and prints every block's comma
 reported. ``--write`` leaves a block with any such record as it is (and says so). ``--run`` refuses, one line and
 exit 2, when ``git status --porcelain`` shows modified tracked files: the records must come from committed code.
 
-Numbers outside the blocks have no record to render them from yet: the "Time" bullet (41.2 s / 21 min from a run's
-log, the 1 h 10 min projection), the Data bullet's 304,986 tokens, the exactness figures the tests assert (rotation
-≤ 8.1e-16, RepQuant ≤ 2.8e-17), and the bullets under the RepQuant table (derived from its records, and from
-``eval/repquant_w6a6_pct_smollm2.json`` / ``eval/repquant_explore_smollm2.jsonl``).
+Numbers outside the blocks have no render yet: the "Time" bullet (41.2 s / 21 min from a run's log, the 1 h 10 min
+projection), the Data bullet's 304,986 tokens, the exactness figures the tests assert (rotation ≤ 8.1e-16, RepQuant
+≤ 2.8e-17), the RepQuant exactness bullet (the ``exactness`` entry of ``eval/repquant_smollm2.json``, written by
+its ``--exactness-only``) and the percentile-search bullet under the RepQuant table
+(``eval/repquant_w6a6_pct_smollm2.json`` / ``eval/repquant_explore_smollm2.jsonl``).
 """
 from __future__ import annotations
 
