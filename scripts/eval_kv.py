@@ -68,7 +68,8 @@ def _bits(spec: KVCacheSpec, head_dim: int, seqlen: int) -> dict:
 def table(model, ids, rows: list[str], windows: int, out: dict, save) -> None:
     if "float" not in out["table"]:
         res = evaluate_perplexity(model, ids, seqlen=2048, windows=windows)
-        out["table"]["float"] = {"ppl": res.ppl, "record": perplexity_record("smollm2-135m", "wikitext2", "test", res)}
+        out["table"]["float"] = {"ppl": res.ppl, "record": perplexity_record("smollm2-135m", "wikitext2", "test", res),
+                                 "commit": out["environment"]["git_commit"]}
         print(f"float: {res.ppl:.3f}", flush=True)
         save()
     base = out["table"]["float"]["ppl"]
@@ -79,7 +80,8 @@ def table(model, ids, rows: list[str], windows: int, out: dict, save) -> None:
                               "delta_pct": 100 * (res.ppl / base - 1),
                               "bits_per_element": {"head_dim_64": _bits(spec, head_dim_of(model.config), 2048),
                                                    "head_dim_128": _bits(spec, 128, 2048)},
-                              "record": perplexity_record("smollm2-135m", "wikitext2", "test", res)}
+                              "record": perplexity_record("smollm2-135m", "wikitext2", "test", res),
+                              "commit": out["environment"]["git_commit"]}
         print(f"{name} ({spec.short()}): {res.ppl:.3f} ({out['table'][name]['delta_pct']:+.2f}%), "
               f"{res.kv_bits_per_element:.3f} bits/element, {res.seconds:.0f}s", flush=True)
         save()
@@ -93,7 +95,7 @@ def memory(model, ids, rows: list[str], out: dict, save) -> None:
     model(window, **{key: cache}, use_cache=True)
     held = [t for layer in cache.layers for t in (layer.keys, layer.values)]
     out["memory"] = {"tokens": window.shape[1], "float32": sum(t.nbytes for t in held),
-                     "float16": sum(t.half().nbytes for t in held)}
+                     "float16": sum(t.half().nbytes for t in held), "commit": out["environment"]["git_commit"]}
     for name in rows:
         spec = _spec(name)
         q = QuantizedKVCache(model.config, spec)
@@ -125,6 +127,7 @@ def generate(model, tok, ids, rows: list[str], prompts: int, new_tokens: int, ou
 
     ref, ref_s = run(None)
     out["generate"] = {"prompts": prompts, "prompt_tokens": 32, "new_tokens": new_tokens,
+                       "commit": out["environment"]["git_commit"],
                        "float": {"tokens_per_s": new_tokens / statistics.median(ref_s),
                                  "first_continuation": tok.decode(ref[0])}}
     print(f"generate float: {out['generate']['float']['tokens_per_s']:.1f} tok/s", flush=True)
@@ -149,8 +152,10 @@ def _top2_margin(model, ids: torch.Tensor) -> float:
 
 
 def markdown(out: dict) -> str:
+    parts = [out.get("memory"), out.get("generate"), *(out.get("table") or {}).values()]
+    commits = sorted({p.get("commit", out["environment"]["git_commit"]) for p in parts if isinstance(p, dict)})
     lines = [f"SmolLM2-135M, float32 weights and activations, CPU {out['environment']['threads']} threads, commit "
-             f"`{out['environment']['git_commit']}`."]
+             f"{', '.join(f'`{c}`' for c in commits) or out['environment']['git_commit']} (per part in the JSON)."]
     t = out.get("table") or {}
     if "float" in t:
         f = t["float"]
@@ -210,6 +215,9 @@ def main() -> None:
     out = {"model": "smollm2-135m", "environment": environment(), "windows": args.windows, "table": {}}
     if args.append and Path(f"{args.out}.json").exists():
         old = json.loads(Path(f"{args.out}.json").read_text())
+        for part in [old.get("memory"), old.get("generate"), *old.get("table", {}).values()]:
+            if isinstance(part, dict):  # parts kept from an earlier run keep that run's commit
+                part.setdefault("commit", old["environment"]["git_commit"])
         out = {**old, "environment": environment(), "table": old.get("table", {}) if old.get("windows") ==
                args.windows else {}}
 

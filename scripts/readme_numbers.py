@@ -433,7 +433,7 @@ def _real(r):
 
 def _kv(r):
     m, g = r[KV]["memory"], r[KV]["generate"]
-    mb = {k: (v if isinstance(v, (int, float)) else v["bytes"]) / 1e6 for k, v in m.items() if k != "tokens"}
+    mb = {k: (v if isinstance(v, (int, float)) else v["bytes"]) / 1e6 for k, v in m.items() if k not in ("tokens", "commit")}
     bpe = {k: v["bits_per_element_held"] for k, v in m.items() if isinstance(v, dict)}
     exact = all(v["bits_per_element_held"] == v["bits_per_element_account"] for v in m.values() if isinstance(v, dict))
     margin = max(x for x in g["int8"]["float_top2_margin_there"] if x is not None)
