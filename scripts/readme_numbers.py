@@ -443,8 +443,21 @@ def _kv(r):
   {mb['kivi2']:.1f} MB KIVI-2, {mb['nsn2']:.1f} MB NSN-2 ({bpe['nsn2']:.2f}), {mb['nsn1']:.1f} MB NSN-1 ({bpe['nsn1']:.2f}) — bytes held {'equal' if exact else 'differ from'} the exact account; greedy
   generation ({g['prompts']} prompts, {g['new_tokens']} new tokens) matches float on {g['int8']['identical']}/{g['prompts']} prompts with the int8 cache (every divergence at
   a float top-2 logit margin ≤ {margin:.3f}), {g['int4']['identical']}/{g['prompts']} at int4, {g['nsn2']['identical']}/{g['prompts']} with NSN-2; decode {min(speeds):.0f}–{max(speeds):.0f} tokens/s through a quantized
-  cache vs {g['float']['tokens_per_s']:.1f} float (every step dequantizes the whole cache). The 16-window perplexity table is next.
+  cache vs {g['float']['tokens_per_s']:.1f} float (every step dequantizes the whole cache).
+{_kv_table(r[KV])}
 """
+
+
+def _kv_table(x) -> str:
+    t = x.get("table") or {}
+    rows = sorted(((k, v) for k, v in t.items() if k != "float"), key=lambda kv: -kv[1]["bits_per_element"]["head_dim_64"]["total"])
+    if not rows:
+        return "  The 16-window perplexity table is next."
+    cells = "; ".join(f"{k} {v['ppl']:.3f} ({_pct(v['ppl'] / t['float']['ppl'])}, "
+                      f"{v['bits_per_element']['head_dim_64']['total']:.2f} b/e)" for k, v in rows)
+    text = (f"Perplexity through the cache ({x['windows']} windows, float {t['float']['ppl']:.3f}; bits per element "
+            f"at head_dim 64, `eval/kv_smollm2.md` also gives 128): {cells}.")
+    return "\n".join(textwrap.wrap(text, width=116, initial_indent="  ", subsequent_indent="  "))
 
 
 def _offload(r):
