@@ -161,7 +161,8 @@ def markdown(out: dict) -> str:
         f = t["float"]
         lines += ["", f"**Perplexity** ({f['record']['protocol']}; a fresh quantized cache per window, read at every "
                   "position). Bits per element: stored bits per cached K/V element at 2048 tokens (codes + scales + "
-                  "zero points/minima + float tokens), head_dim 64 (SmolLM2) and 128.", "",
+                  "zero points/minima + float tokens at 16 bits, the serving dtype; the float32 run held them at 32 bits: see "
+                  "each row's record), head_dim 64 (SmolLM2) and 128.", "",
                   "| KV cache | bits/elem (d=64) | bits/elem (d=128) | ppl | vs float |", "|---|---:|---:|---:|---:|",
                   f"| float (float32) | 32 | 32 | {f['ppl']:.3f} | — |"]
         for name, r in t.items():

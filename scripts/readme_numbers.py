@@ -456,7 +456,7 @@ def _kv_table(x) -> str:
     cells = "; ".join(f"{k} {v['ppl']:.3f} ({_pct(v['ppl'] / t['float']['ppl'])}, "
                       f"{v['bits_per_element']['head_dim_64']['total']:.2f} b/e)" for k, v in rows)
     text = (f"Perplexity through the cache ({x['windows']} windows, float {t['float']['ppl']:.3f}; bits per element "
-            f"at head_dim 64, `eval/kv_smollm2.md` also gives 128): {cells}.")
+            f"at head_dim 64 with float tokens at 16 bits, `eval/kv_smollm2.md` also gives 128): {cells}.")
     return "\n".join(textwrap.wrap(text, width=116, initial_indent="  ", subsequent_indent="  "))
 
 
