@@ -158,21 +158,14 @@ def part_gptq(args, device) -> dict:
 
 
 def part_gemm(args, device) -> list[dict]:
-    from normquant.quant.real import int_mm_gemm
+    from normquant.quant.real import int4_mm, int4_pack, int_mm_gemm
 
     n = k = 128 if args.smoke else 4096
     g = torch.Generator().manual_seed(0)
     w_codes = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(device)
     w_scale = torch.rand(n, generator=g).to(device)
     w_bf16 = torch.randn(n, k, generator=g).to(device, torch.bfloat16)
-    u = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
-    tiles = 8
-    if device.type == "cuda":
-        packed = torch.ops.aten._convert_weight_to_int4pack(((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8).to(device),
-                                                            tiles)
-        int4_mm = torch.ops.aten._weight_int4pack_mm
-    else:
-        packed, int4_mm = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, tiles), torch.ops.aten._weight_int4pack_mm_for_cpu
+    packed = int4_pack(torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32), device)
     sz = torch.stack([torch.rand(n, k // 128, generator=g), torch.zeros(n, k // 128)], 2).transpose(0, 1).contiguous()
     sz = sz.to(device, torch.bfloat16)
     rows = []

@@ -96,8 +96,6 @@ def why_not_int8(ql: QuantLinear, activation_bits: int | None, backend: str = "o
     if a.bits > activation_bits:
         return (f"{a.bits}-bit activations: this CPU's int8 GEMM sums at most {activation_bits}-bit codes exactly "
                 "(no VNNI: saturating int16 pair sums)")
-    if a.bits > 8:
-        return f"{a.bits}-bit activations (int8 GEMM)"
     return ""
 
 
@@ -154,6 +152,7 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = codes.shape
         self.input_spec, self.backend = input_spec, backend
         self.input_zero = int(input_zero)  # static asymmetric: the zero point on the signed grid (0 otherwise)
+        self.register_buffer("input_zero_point", torch.tensor(float(input_zero)) if input_zero else None)
         if backend == "onednn":
             self.register_buffer("weight_packed", torch.ops.onednn.qlinear_prepack(codes.contiguous(), None))  # int8
         else:
@@ -179,9 +178,9 @@ class Int8Linear(nn.Module):
             x = self.input_transform(x)
         spec, dtype, shape = self.input_spec, x.dtype, x.shape
         xv, _ = activation_view(x, spec)  # compressed-tensors' rows: [B*T, C], or the whole tensor
-        z = self.input_zero
+        z, zp = self.input_zero, self.input_zero_point
         u, s = row_quantizer()(xv, spec, None if self.input_scale is None else self.input_scale.to(x.dtype),
-                               None if not z else torch.tensor(float(z), dtype=x.dtype, device=x.device))
+                               None if zp is None else zp.to(x.dtype))
         u, half = u.reshape(-1, self.in_features), 2 ** (spec.bits - 1)
         if self.backend == "onednn":  # u - (half + z) = q - z: oneDNN subtracts the activation zero point itself
             y = int8_gemm(u, half + z, self.weight_packed, self.weight_scale, self.weight_zero)  # [M, N]
@@ -212,6 +211,23 @@ def int_mm_gemm(q: torch.Tensor, codes: torch.Tensor, w_scale: torch.Tensor, zer
     return acc.float().mul_(w_scale)
 
 
+def int4_pack(u: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Unsigned 4-bit codes ``u`` ``[N, K]`` (0..15) in the int4 kernel's layout on ``device``: tinygemm's on CUDA
+    (two codes per byte, ``[N, K/2]`` uint8, then ``_convert_weight_to_int4pack``), its CPU twin's otherwise."""
+    tiles = next(t for t in (8, 4, 2) if u.shape[1] % (t * 16) == 0)
+    if device.type == "cuda":
+        nibbles = ((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8).to(device)
+        return torch.ops.aten._convert_weight_to_int4pack(nibbles, tiles)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.int(), tiles)
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[M, K]`` times the weight of :func:`int4_pack` (``scales_and_zeros`` ``[K/g, N, 2]``): tinygemm on
+    CUDA, its CPU twin otherwise."""
+    mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+    return mm(x, packed, group_size, scales_and_zeros)
+
+
 class Int4Linear(nn.Module):
     """W4A16 through PyTorch's int4 GEMM: tinygemm (``torch.ops.aten._weight_int4pack_mm``, CUDA, bfloat16) or
     its CPU twin (``_weight_int4pack_mm_for_cpu``, the activations' dtype). The kernel dequantizes
@@ -230,18 +246,16 @@ class Int4Linear(nn.Module):
         g = spec.group_size if spec.granularity == "group" else 128
         self.out_features, self.in_features, self.group_size = n, k, g
         dtype = torch.bfloat16 if device.type == "cuda" else ql.weight.dtype  # the kernel's; .to() may change it
-        s = scale.float().reshape(n, -1).repeat_interleave(k // g // scale.reshape(n, -1).shape[1], dim=1)  # [N, K/g]
-        z = zero.float().reshape(n, -1).repeat_interleave(k // g // zero.reshape(n, -1).shape[1], dim=1)
+        def per_group(t):  # [n, 1] qparam rows -> [N, K/g] (a per-channel row repeated over its groups)
+            t = t.float().reshape(n, -1)
+            return t.repeat_interleave(k // g // t.shape[1], dim=1)
+
+        s, z = per_group(scale), per_group(zero)
         u = codes.int() + (8 if spec.symmetric else 0)  # unsigned 0..15
         z_t = torch.zeros_like(s) if spec.symmetric else s * (8 - z)
         self.register_buffer("scales_and_zeros", torch.stack([s, z_t], dim=2).transpose(0, 1).contiguous()
                              .to(device=device, dtype=dtype))  # [K/g, N, 2]
-        tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
-        if device.type == "cuda":
-            nibbles = ((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8).to(device)  # [N, K/2]
-            self.register_buffer("weight_packed", torch.ops.aten._convert_weight_to_int4pack(nibbles, tiles))
-        else:
-            self.register_buffer("weight_packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, tiles))
+        self.register_buffer("weight_packed", int4_pack(u, device))
         self.bias = ql.bias
         self.input_transform = ql.input_transform
 
@@ -268,8 +282,8 @@ class Int4Linear(nn.Module):
             x = self.input_transform(x)
         dtype, shape = x.dtype, x.shape
         x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
-        mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
-        y = mm(x2, self.weight_packed, self.group_size, self.scales_and_zeros).reshape(*shape[:-1], self.out_features)
+        y = int4_mm(x2, self.weight_packed, self.group_size, self.scales_and_zeros).reshape(*shape[:-1],
+                                                                                          self.out_features)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(dtype)
@@ -345,8 +359,7 @@ def pack_weights(root: nn.Module) -> int:
     n = 0
     for name, module in list(root.named_modules()):
         if isinstance(module, QuantLinear) and module.weight_spec is not None and module.weight_quantized:
-            parent, _, child = name.rpartition(".")
-            setattr(root.get_submodule(parent) if parent else root, child, PackedLinear(module))
+            root.set_submodule(name, PackedLinear(module))
             n += 1
     return n
 
@@ -381,7 +394,6 @@ def convert(model: nn.Module, *, backend: str | None = None, int4: bool | None =
         else:
             report["kept"][name] = why
             continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, real)
+        model.set_submodule(name, real)
         report["converted"][name] = kind
     return report
