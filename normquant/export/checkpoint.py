@@ -39,6 +39,7 @@ from normquant.export.verify import (check_config, check_layer_tensors, read_man
                                      verify_manifest, write_manifest)
 from normquant.io import atomic_directory, check_destination
 from normquant.messages import one_line, show
+from normquant.models.arch import tied_aliases
 from normquant.quant.linear import QuantLinear, is_linear
 from normquant.quant.real import QUANTIZED_LINEARS
 from normquant.quant.kv import KVCacheSpec, head_dim_of, kv_cache_of, set_kv_cache
@@ -72,14 +73,6 @@ def _quant_groups(model: nn.Module) -> list[ConfigGroup]:
     return list(groups.values())
 
 
-def _tied_aliases(model: nn.Module) -> set[str]:
-    """State-dict names that alias an earlier parameter or buffer (tied weights), e.g. ``lm_head.weight``."""
-    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    every |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
-    unique = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-    return every - unique
-
-
 def compressed_checkpoint(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """``(tensors, quantization_config, quant_specs)`` of a model whose quantized linears are QuantLinear modules.
 
@@ -98,7 +91,7 @@ def compressed_checkpoint(model: nn.Module) -> tuple[dict[str, torch.Tensor], di
     for name in quantized:
         for key, t in compress_linear(model.get_submodule(name), name).items():
             tensors[f"{name}.{key}"] = t
-    aliases, prefixes = _tied_aliases(model), tuple(f"{name}." for name in quantized)
+    aliases, prefixes = tied_aliases(model), tuple(f"{name}." for name in quantized)
     for key, t in model.state_dict().items():
         if key not in aliases and not key.startswith(prefixes):
             tensors[key] = t.detach().cpu().contiguous()
@@ -252,7 +245,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ExportError(f"{weights}: tensor {k} holds NaN or inf values; the export is corrupt: re-export")
     missing, unexpected = model.load_state_dict(rest, strict=False)
-    aliases = _tied_aliases(model)
+    aliases = tied_aliases(model)
     missing = [k for k in missing if not k.startswith(prefixes) and k not in aliases]
     if missing or unexpected:
         raise ExportError(f"{weights} does not match {raw['architectures'][0]}: "

@@ -497,3 +497,11 @@ def cache_argument(model: nn.Module) -> str:
     """The name under which the model's ``forward`` takes and returns the KV cache: ``cache`` in the transformers
     releases that renamed it (``past_key_values`` warns there that it goes in 5.40), ``past_key_values`` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def tied_aliases(model: nn.Module) -> set[str]:
+    """State-dict names that alias an earlier parameter or buffer (tied weights), e.g. ``lm_head.weight``."""
+    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    every |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    unique = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return every - unique

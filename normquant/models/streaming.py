@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from normquant.models.arch import get_architecture, get_blocks, resolve_path
+from normquant.models.arch import get_architecture, get_blocks, resolve_path, tied_aliases
 from normquant.models.loading import ModelLoadError, PACKAGED, materialize_packaged
 
 log = logging.getLogger(__name__)
@@ -131,13 +131,13 @@ def load_streamed(name_or_path: str, *, dtype: str | torch.dtype = "float32") ->
     :class:`ModelLoadError` before any weight is read.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
 
+    from normquant.export import is_normquant_export
     from normquant.models.loading import resolve_dtype
 
     torch_dtype = resolve_dtype(dtype)
     folder = _folder(str(name_or_path))
-    from normquant.export import is_normquant_export
-
     if is_normquant_export(folder):
         raise ModelLoadError(f"{folder} is a normquant export, already quantized: --offload reads float checkpoints "
                              "to quantize them; evaluate the export without --offload")
@@ -154,24 +154,22 @@ def load_streamed(name_or_path: str, *, dtype: str | torch.dtype = "float32") ->
     with torch.device("meta"):
         full = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     blocks_path = resolve_path(full, arch.blocks)
-    meta_blocks = full.get_submodule(blocks_path)
-    from transformers.initialization import no_init_weights
-
     with no_init_weights():  # the non-block modules, on CPU; their weights are replaced by the checkpoint's below
         model = AutoModelForCausalLM.from_config(_with_layers(config, 1), dtype=torch_dtype)
-    if dict(get_blocks(model, arch)[0].named_buffers()).keys() - get_blocks(model, arch)[0].state_dict().keys():
+    block = get_blocks(model, arch)[0]
+    if dict(block.named_buffers()).keys() - block.state_dict().keys():
         raise ModelLoadError(f"the blocks of {type(model).__name__} hold buffers the checkpoint does not store; "
                              "--offload cannot rebuild them: load the model without --offload")
-    parent, _, attr = blocks_path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, meta_blocks)
+    model.set_submodule(blocks_path, full.get_submodule(blocks_path))  # the meta blocks
     for m in model.modules():  # the one-block config objects become the full model's again
         cfg = getattr(m, "config", None)
         if cfg is not None and hasattr(cfg, "num_hidden_layers"):
             cfg.num_hidden_layers = config.num_hidden_layers
             if isinstance(getattr(config, "layer_types", None), list):
                 cfg.layer_types = list(config.layer_types)
-    _check_names(full, reader, folder)
-    state, aliases = {}, _aliases(full)  # (ties are made outside no_init_weights)
+    aliases = tied_aliases(full)  # (ties are made outside no_init_weights)
+    _check_names(full, reader, folder, aliases)
+    state = {}
     for key, t in model.state_dict().items():
         if key.startswith(f"{blocks_path}.") or key in aliases:
             continue
@@ -183,13 +181,7 @@ def load_streamed(name_or_path: str, *, dtype: str | torch.dtype = "float32") ->
     return model.eval(), tokenizer
 
 
-def _aliases(model: nn.Module) -> set[str]:
-    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    return every - {n for n, _ in model.named_parameters()}
-
-
-def _check_names(full: nn.Module, reader: CheckpointReader, folder: Path) -> None:
-    aliases = _aliases(full)
+def _check_names(full: nn.Module, reader: CheckpointReader, folder: Path, aliases: set[str]) -> None:
     for key, t in full.state_dict().items():
         if key in aliases:
             continue
