@@ -352,9 +352,9 @@ def _repquant(r):
 
     lines = [f"| {label} | " + " | ".join(cell(b, row, fmt) for b in ("w8a8", "w6a6", "w4a8")) + " |"
              for label, row, fmt in REPQUANT_ROWS]
-    commits = sorted({x["commit"] for x in r[REPQUANT]["rows"]})
+    measured_at = sorted({x["commit"] for x in r[REPQUANT]["rows"]})
     table = ("| row | W8A8 | W6A6 | W4A8 |\n|---|---:|---:|---:|\n" + "\n".join(lines) + "\n\n"
-             f"Measured at commit {', '.join(f'`{c}`' for c in commits)}.\n\n")
+             f"Measured at commit {', '.join(f'`{c}`' for c in measured_at)}.\n\n")
 
     def p(bits, row):
         return f"{ppl[bits, row]:.1f}"

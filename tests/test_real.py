@@ -26,6 +26,16 @@ def _quantized(inputs: dict, bits_ok: bool = True, steps=("rtn",)):
     return model
 
 
+def _fake_and_real(model, **convert_kwargs):
+    """Logits of ``model`` on the tiny inputs before and after :func:`convert` (in place), and its report."""
+    ids = tiny_inputs(model)
+    with torch.no_grad():
+        fake = model(ids).logits
+        report = convert(model, **convert_kwargs)
+        real = model(ids).logits
+    return fake, real, report
+
+
 def test_the_probe_finds_the_exact_width():
     """7 on AVX2 without VNNI (this project's CPUs), 8 with VNNI/AMX: the worst-case product sums exactly."""
     assert exact_activation_bits() in (7, 8)
@@ -36,11 +46,7 @@ def test_the_probe_finds_the_exact_width():
                                     {"bits": 7, "granularity": "tensor"}], ids=["a7-token", "a6-clip", "a7-static"])
 def test_real_logits_equal_the_fake_path_to_float32_rounding(inputs):
     model = _quantized(inputs)
-    ids = tiny_inputs(model)
-    with torch.no_grad():
-        fake = model(ids).logits
-        report = convert(model)
-        real = model(ids).logits
+    fake, real, report = _fake_and_real(model)
     n_linear = sum(isinstance(m, Int8Linear) for m in model.modules())
     assert n_linear == len(report["converted"]) == 7 * model.config.num_hidden_layers and not report["why_not_int8"]
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
@@ -100,12 +106,8 @@ def test_packed_weights_compute_the_fake_path_bit_for_bit_in_less_memory(weights
     model = tiny_model("llama")
     recipe = parse_recipe({"scheme": {"ignore": ["lm_head"], "weights": weights}, "steps": ["rtn"]})
     quantize(model, recipe, progress=False)
-    ids = tiny_inputs(model)
     fp16_bytes = sum(m.weight.numel() * 2 for m in model.modules() if isinstance(m, QuantLinear))
-    with torch.no_grad():
-        fake = model(ids).logits
-        report = convert(model)
-        real = model(ids).logits
+    fake, real, report = _fake_and_real(model)
     assert set(report["converted"].values()) == {"packed-weights"}
     assert torch.equal(real, fake)  # measured: identical (the same float weight, rebuilt from the codes)
     held = sum(b.nbytes for m in model.modules() if isinstance(m, PackedLinear) for b in m.buffers())
@@ -158,11 +160,7 @@ def test_the_compiled_activation_quantizer_gives_the_eager_codes(monkeypatch):
                                     {"bits": 8, "granularity": "tensor"}], ids=["a8-token", "a8-static"])
 def test_int_mm_backend_runs_8_bit_activations_and_matches_the_fake_path(inputs):
     model = _quantized(inputs)
-    ids = tiny_inputs(model)
-    with torch.no_grad():
-        fake = model(ids).logits
-        report = convert(model, backend="int_mm")
-        real = model(ids).logits
+    fake, real, report = _fake_and_real(model, backend="int_mm")
     assert set(report["converted"].values()) == {"int8-gemm"} and report["activation_bits"] == 8
     assert all(m.backend == "int_mm" for m in model.modules() if isinstance(m, Int8Linear))
     diff = (real - fake).abs().max().item()
@@ -195,11 +193,7 @@ def test_int4_kernel_computes_the_fake_path_to_float32_rounding(weights):
     model = tiny_model("llama", hidden_size=128, intermediate_size=256)
     recipe = parse_recipe({"scheme": {"ignore": ["lm_head"], "weights": weights}, "steps": ["rtn"]})
     quantize(model, recipe, progress=False)
-    ids = tiny_inputs(model)
-    with torch.no_grad():
-        fake = model(ids).logits
-        report = convert(model, int4=True)
-        real = model(ids).logits
+    fake, real, report = _fake_and_real(model, int4=True)
     assert set(report["converted"].values()) == {"int4-gemm"}
     assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 14
     diff = (real - fake).abs().max().item()
@@ -231,11 +225,7 @@ def test_static_asymmetric_activations_run_with_the_zero_point_correction(backen
     model = _quantized({"bits": bits, "granularity": "tensor", "symmetric": False})
     zeros = [int(m.input_quant.zero_point.item()) for m in model.modules() if isinstance(m, QuantLinear)]
     assert any(z != 2 ** (bits - 1) for z in zeros)  # real zero points, not the symmetric midpoint
-    ids = tiny_inputs(model)
-    with torch.no_grad():
-        fake = model(ids).logits
-        report = convert(model, backend=backend)
-        real = model(ids).logits
+    fake, real, report = _fake_and_real(model, backend=backend)
     assert set(report["converted"].values()) == {"int8-gemm"}
     diff = (real - fake).abs().max().item()
     # measured 8.9e-8 (onednn, A7; int_mm, A8) on logits of absmax 0.47: float32 rounding, no code flip
