@@ -12,6 +12,10 @@ Parts (``--parts``, default all):
   tokens, :func:`normquant.quant.kv.kv_bits_per_element`, head_dim 64, and the same account for head_dim 128).
 * ``memory``: one 2048-token window prefilled through each cache; ``nbytes`` of every tensor the cache then holds
   (float32: transformers' ``DynamicCache``; float16: the same tensors cast to float16 and held).
+* ``stack``: the full stack (issue 11 with the rotation issue): each ``STACK`` recipe (rotation, GPTQ weights, A4 or
+  A8 activations, an INT4 KV cache with R3) quantizes a fresh model with the recipe's own calibration (C4
+  validation 16×2048, seed 0); the model is evaluated through its quantized cache and, for the KV cache's share,
+  through a float cache.
 * ``generate``: ``--prompts`` prompts (the first 32 tokens of evaluation windows 0, 1, ...) greedily extended by
   ``--new-tokens`` tokens through the float cache and through each quantized cache: how many continuations are
   identical, and where the others first differ.
@@ -36,24 +40,33 @@ from normquant.data.text import tokenize_eval
 from normquant.evaluation.perplexity import evaluate_perplexity
 from normquant.evaluation.records import environment, perplexity_record, write_json
 from normquant.models.loading import load_model
-from normquant.quant.kv import KVCacheSpec, head_dim_of, kv_bits_per_element
+from normquant.api import quantize
+from normquant.quant.kv import KVCacheSpec, head_dim_of, kv_bits_per_element, kv_cache_of, set_kv_cache
 from normquant.quant.kv_cache import QuantizedKVCache
 
 #: row name -> scheme.kv_cache
 ROWS = {
     "int8": {"bits": 8},
+    "int8-r3": {"bits": 8, "rotate_keys": True},
     "int4": {"bits": 4},
     "int4-r3": {"bits": 4, "rotate_keys": True},
+    "int4-r3-asym": {"bits": 4, "symmetric": False, "rotate_keys": True},
     "kivi4": {"method": "kivi", "bits": 4},
     "int2": {"bits": 2},
     "int2-r3": {"bits": 2, "rotate_keys": True},
     "kivi2": {"method": "kivi", "bits": 2},
     "kivi2-res128": {"method": "kivi", "bits": 2, "residual": 128},
     "nsn2": {"method": "nsn", "bits": 2},
+    "nsn2-postrope": {"method": "nsn", "bits": 2, "pre_rope": False},
     "nsn1": {"method": "nsn", "bits": 1},
+    "nsn1-postrope": {"method": "nsn", "bits": 1, "pre_rope": False},
+    "nsn1-sink4-res128": {"method": "nsn", "bits": 1, "sink": 4, "residual": 128},
 }
+#: stack row -> recipe (weights, activations and kv_cache)
+STACK = {"w4a4kv4-rotated-gptq": "recipes/w4a4kv4_rotated_gptq.yaml",
+         "w4a8kv4-rotated-gptq": "recipes/w4a8kv4_rotated_gptq.yaml"}
 MEMORY_ROWS = ["int8", "int4", "kivi2", "nsn2", "nsn1"]
-GENERATE_ROWS = ["int8", "int4", "int2", "kivi2", "nsn2"]
+GENERATE_ROWS = ["int8", "int8-r3", "int4", "int4-r3-asym", "int2", "kivi2", "nsn2"]
 
 
 def _spec(name: str) -> KVCacheSpec:
@@ -87,6 +100,34 @@ def table(model, ids, rows: list[str], windows: int, out: dict, save) -> None:
         save()
 
 
+def stack(tok, ids, rows: list[str], windows: int, data_dir, out: dict, save) -> None:
+    out.setdefault("stack", {})
+    for name in rows:
+        model, _ = load_model("smollm2-135m")
+        model.eval()
+        t0 = time.perf_counter()
+        quantize(model, STACK[name], tokenizer=tok, data_dir=data_dir)
+        quantize_s = time.perf_counter() - t0
+        spec = kv_cache_of(model)
+        with_kv = evaluate_perplexity(model, ids, seqlen=2048, windows=windows)
+        set_kv_cache(model, None)
+        float_kv = evaluate_perplexity(model, ids, seqlen=2048, windows=windows)
+        base = out["table"]["float"]["ppl"]
+        out["stack"][name] = {
+            "recipe": STACK[name], "recipe_text": Path(STACK[name]).read_text(), "kv_short": spec.short(),
+            "ppl": with_kv.ppl, "ratio_to_float": with_kv.ppl / base, "ppl_float_kv": float_kv.ppl,
+            "ratio_to_float_float_kv": float_kv.ppl / base,
+            "bits_per_element": {"head_dim_64": _bits(spec, head_dim_of(model.config), 2048),
+                                 "head_dim_128": _bits(spec, 128, 2048)},
+            "quantize_seconds": quantize_s, "record": perplexity_record("smollm2-135m", "wikitext2", "test", with_kv),
+            "record_float_kv": perplexity_record("smollm2-135m", "wikitext2", "test", float_kv),
+            "commit": out["environment"]["git_commit"]}
+        print(f"stack {name}: {with_kv.ppl:.3f} (×{with_kv.ppl / base:.3f} float) with {spec.short()}; "
+              f"{float_kv.ppl:.3f} (×{float_kv.ppl / base:.3f}) with a float cache; quantize {quantize_s:.0f}s",
+              flush=True)
+        save()
+
+
 @torch.no_grad()
 def memory(model, ids, rows: list[str], out: dict, save) -> None:
     window = ids[:, :2048]
@@ -98,7 +139,7 @@ def memory(model, ids, rows: list[str], out: dict, save) -> None:
                      "float16": sum(t.half().nbytes for t in held), "commit": out["environment"]["git_commit"]}
     for name in rows:
         spec = _spec(name)
-        q = QuantizedKVCache(model.config, spec)
+        q = QuantizedKVCache.for_model(model, spec)
         model(window, **{key: q}, use_cache=True)
         elements = sum(t.numel() for t in held)  # keys and values: every element of the float cache
         out["memory"][name] = {"bytes": q.nbytes(), "bits_per_element_held": 8 * q.nbytes() / elements,
@@ -133,7 +174,7 @@ def generate(model, tok, ids, rows: list[str], prompts: int, new_tokens: int, ou
     print(f"generate float: {out['generate']['float']['tokens_per_s']:.1f} tok/s", flush=True)
     for name in rows:
         spec = _spec(name)
-        got, secs = run(lambda: QuantizedKVCache(model.config, spec))
+        got, secs = run(lambda: QuantizedKVCache.for_model(model, spec))
         first_diff = [None if torch.equal(a, b) else int((a != b).nonzero()[0, 0]) for a, b in zip(got, ref)]
         margins = [None if d is None else _top2_margin(model, torch.cat([p[0], r[:d]])) for p, r, d in
                    zip(starts, ref, first_diff)]
@@ -152,7 +193,8 @@ def _top2_margin(model, ids: torch.Tensor) -> float:
 
 
 def markdown(out: dict) -> str:
-    parts = [out.get("memory"), out.get("generate"), *(out.get("table") or {}).values()]
+    parts = [out.get("memory"), out.get("generate"), *(out.get("table") or {}).values(),
+             *(out.get("stack") or {}).values()]
     commits = sorted({p.get("commit", out["environment"]["git_commit"]) for p in parts if isinstance(p, dict)})
     lines = [f"SmolLM2-135M, float32 weights and activations, CPU {out['environment']['threads']} threads, commit "
              f"{', '.join(f'`{c}`' for c in commits) or out['environment']['git_commit']} (per part in the JSON)."]
@@ -170,6 +212,16 @@ def markdown(out: dict) -> str:
                 b = r["bits_per_element"]
                 lines.append(f"| {name} `{r['short']}` | {b['head_dim_64']['total']:.3f} | "
                              f"{b['head_dim_128']['total']:.3f} | {r['ppl']:.3f} | {r['delta_pct']:+.2f}% |")
+    st = out.get("stack")
+    if st:
+        lines += ["", "**Full stack** (rotation R1+R2+R4, GPTQ INT4 per-channel weights, dynamic per-token activations, "
+                  "INT4 per-token-head KV with R3; calibration C4 validation 16×2048 seed 0): the same quantized model "
+                  "through its quantized cache and through a float cache.", "",
+                  "| stack | KV bits/elem (d=64) | ppl | × float | ppl, float KV | × float |", "|---|---:|---:|---:|---:|---:|"]
+        for name, r in st.items():
+            lines.append(f"| {name} `{r['kv_short']}` | {r['bits_per_element']['head_dim_64']['total']:.3f} | "
+                         f"{r['ppl']:.3f} | {r['ratio_to_float']:.3f} | {r['ppl_float_kv']:.3f} | "
+                         f"{r['ratio_to_float_float_kv']:.3f} |")
     m = out.get("memory")
     if m:
         lines += ["", f"**Cache memory held** after prefilling one {m['tokens']}-token window (every layer, keys and "
@@ -199,9 +251,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir")
     ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--parts", nargs="+", default=["table", "memory", "generate"],
-                    choices=["table", "memory", "generate"])
+    ap.add_argument("--parts", nargs="+", default=["table", "stack", "memory", "generate"],
+                    choices=["table", "stack", "memory", "generate"])
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="table rows")
+    ap.add_argument("--stack", nargs="+", default=list(STACK), choices=list(STACK), help="stack rows")
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -216,11 +269,13 @@ def main() -> None:
     out = {"model": "smollm2-135m", "environment": environment(), "windows": args.windows, "table": {}}
     if args.append and Path(f"{args.out}.json").exists():
         old = json.loads(Path(f"{args.out}.json").read_text())
-        for part in [old.get("memory"), old.get("generate"), *old.get("table", {}).values()]:
+        for part in [old.get("memory"), old.get("generate"), *old.get("table", {}).values(),
+                     *old.get("stack", {}).values()]:
             if isinstance(part, dict):  # parts kept from an earlier run keep that run's commit
                 part.setdefault("commit", old["environment"]["git_commit"])
-        out = {**old, "environment": environment(), "table": old.get("table", {}) if old.get("windows") ==
-               args.windows else {}}
+        same = old.get("windows") == args.windows
+        out = {**old, "environment": environment(), "table": old.get("table", {}) if same else {},
+               "stack": old.get("stack", {}) if same else {}}
 
     def save():
         write_json(f"{args.out}.json", out)
@@ -228,6 +283,10 @@ def main() -> None:
 
     if "table" in args.parts:
         table(model, ids, args.rows, args.windows, out, save)
+    if "stack" in args.parts:
+        if "float" not in out["table"]:
+            table(model, ids, [], args.windows, out, save)
+        stack(tok, ids, args.stack, args.windows, args.data_dir, out, save)
     if "memory" in args.parts:
         memory(model, ids, MEMORY_ROWS, out, save)
     if "generate" in args.parts:

@@ -11,10 +11,12 @@ import torch
 
 from normquant.evaluation.perplexity import evaluate_perplexity
 from normquant.methods.kivi import dequantize_keys, quantize_keys, quantize_values
-from normquant.methods.nsnquant import (adjusted_scale, gaussian_codebook, inverse_nsn, nearest_codeword,
+from normquant.methods.nsnquant import (adjusted_scale, gaussian_codebook, inverse_nsn, nearest_codeword, rope_rotate,
                                         normalize_shift_normalize, vector_quantize)
 from normquant.quant.hadamard import hadamard_matrix
-from normquant.quant.kv import KVCacheSpec, kv_bits_per_element, kv_cache_of, kv_quantizers, quantize_token_head
+from normquant.models.arch import rotary_embedding
+from normquant.quant.kv import (KVCacheSpec, dequantize_minmax, kv_bits_per_element, kv_cache_of, kv_quantizers,
+                                minmax_qparams, quantize_minmax, quantize_token_head)
 from normquant.quant.packing import pack_codes, unpack_codes
 from normquant.quant.kv_cache import QuantizedKVCache, QuantizedKVLayer
 from normquant.quant.prefix import set_prefix
@@ -61,6 +63,8 @@ def test_recipe_without_kv_cache_keeps_its_hash():
     ("{bits: 1}", r"rtn needs bits 2\.\.8 \(1 bit is nsn's\)"),
     ("{method: nsn, bits: 1, rotate_keys: true}", r"nsn applies its own Hadamard to keys"),
     ("{method: nsn, bits: 1, symmetric: false}", r"nsn fixes its own layout"),
+    ("{bits: 4, pre_rope: true}", r"pre_rope is nsn's .*rtn quantizes the keys attention reads: remove pre_rope"),
+    ("{method: nsn, bits: 1, sink: -1}", r"scheme\.kv_cache\.sink: Input should be greater than or equal to 0"),
 ])
 def test_bad_kv_cache_is_one_line(kv, message):
     with pytest.raises(RecipeError, match=message) as e:
@@ -402,15 +406,110 @@ def test_nsn_beats_rtn_and_kivi_at_2_bits_on_gaussian_keys():
 def test_nsn_cache_on_a_tiny_model_holds_the_account():
     model = tiny_model("llama", head_dim=32)  # nsn's mean groups need head_dim % 32 == 0
     ids = tiny_inputs(model, batch=1, seq=19)
-    for spec in NSN:
-        cache = QuantizedKVCache(model.config, spec)
+    for spec in NSN + [KVCacheSpec(method="nsn", bits=1, group_size=8, sink=3)]:
+        cache = QuantizedKVCache.for_model(model, spec)
         with torch.no_grad():
             logits = model(ids, cache=cache, use_cache=True).logits
         assert torch.isfinite(logits).all()
         elements = 2 * 2 * 1 * 2 * 19 * 32  # layers, K and V, batch, KV heads, tokens, head_dim
         assert cache.nbytes() * 8 == kv_bits_per_element(spec, 32, 19, float_bits=32).total * elements
     with pytest.raises(QuantError, match="nsn needs a head_dim divisible by 32.*this model's is 8"):
-        tiny_model("llama")(ids, cache=QuantizedKVCache(model.config, NSN[0]), use_cache=True)
+        tiny_model("llama")(ids, cache=QuantizedKVCache(model.config, NSN[0], rotary=rotary_embedding(model)),
+                            use_cache=True)
+
+
+# ---------------------------------------------------------------------------------------------- NSN pre-RoPE keys
+def _rope(t: int, d: int, first: int = 0):
+    """``(cos, sin)`` ``[t, d]`` of positions ``first..`` (transformers' default RoPE, base 10000)."""
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    ang = torch.arange(first, first + t, dtype=torch.float32)[:, None] * inv  # [t, d/2]
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos(), ang.sin()
+
+
+def _keys_with_offsets(t=64, d=64, seed=0):
+    """Pre-RoPE keys ``[1, 2, t, d]`` with large per-channel offsets (as real keys have) and their post-RoPE form."""
+    g = torch.Generator().manual_seed(seed)
+    pre = torch.randn(1, 2, t, d, generator=g) + 6 * torch.randn(d, generator=g)
+    return pre, rope_rotate(pre, *_rope(t, d))
+
+
+def test_rope_rotate_is_transformers_rope_and_its_inverse():
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    x = torch.randn(3, 5, 64)
+    cos, sin = _rope(5, 64, first=7)
+    assert torch.allclose(rope_rotate(x, cos, sin), x * cos + rotate_half(x) * sin)
+    assert torch.allclose(rope_rotate(rope_rotate(x, cos, sin), cos, sin, inverse=True), x, atol=1e-6)
+
+
+def test_nsn_pre_rope_transform_then_inverse_returns_the_input():
+    pre, post = _keys_with_offsets(t=16)
+    rope = _rope(16, 64)
+    y, s2, meta = normalize_shift_normalize(post.reshape(1, 2, 2, 8, 64), rope)
+    assert torch.allclose(inverse_nsn(y, s2, meta, rope), post.reshape(1, 2, 2, 8, 64), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_nsn_pre_rope_keys_are_the_papers_order(bits):
+    """The cache gets post-RoPE keys and un-rotates them for the mean only; the paper (METHODS §3.2) normalizes and
+    shifts the pre-RoPE key, applies RoPE, then Hadamard and VQ: written out here step by step, the same keys."""
+    pre, post = _keys_with_offsets(t=64)
+    cos, sin = _rope(64, 64)
+    got = QuantizedKVLayer(KVCacheSpec(method="nsn", bits=bits), rope=lambda first, n, device: _rope(n, 64, first)
+                           ).update(post, post)[0]
+    x = pre.reshape(1, 2, 1, 64, 64)
+    s1 = x.norm(dim=-1, keepdim=True) / 8
+    s1_scale, s1_min = minmax_qparams(s1, 4, dim=-2, dtype=torch.float16)
+    s1_hat = dequantize_minmax(quantize_minmax(s1, s1_scale, s1_min, 4), s1_scale, s1_min)
+    x = x / s1_hat  # 1.
+    og = x.mean(dim=-2, keepdim=True).reshape(1, 2, 1, 1, 2, 32)
+    o_scale, o_min = minmax_qparams(og, 4, dim=-1, dtype=torch.float16)
+    o_hat = dequantize_minmax(quantize_minmax(og, o_scale, o_min, 4), o_scale, o_min).reshape(1, 2, 1, 1, 64)
+    x = x - o_hat  # 2.
+    s2 = x.norm(dim=-1, keepdim=True) / 8  # 3.
+    x = rope_rotate(x / s2, cos, sin)  # 4. RoPE, then the Hadamard
+    t = hadamard_matrix(64, torch.float32)
+    y = x @ t.t()
+    _, _, y_hat = vector_quantize(y, bits)  # 5.
+    s2_adj = adjusted_scale(s2, y, y_hat).float()  # 6.
+    want = s1_hat * ((s2_adj * y_hat) @ t + rope_rotate(o_hat.expand_as(x), cos, sin))
+    assert torch.allclose(got, want.reshape(post.shape), atol=1e-4), (got - want.reshape(post.shape)).abs().max()
+
+
+def test_nsn_pre_rope_removes_the_channel_offsets_rope_spreads():
+    """Keys with per-channel offsets: before RoPE the window mean removes them; after RoPE they turn with the
+    position and the mean misses them."""
+    _, post = _keys_with_offsets(t=128)
+    err = {}
+    for pre_rope in (True, False):
+        spec = KVCacheSpec(method="nsn", bits=2, pre_rope=pre_rope)
+        got = QuantizedKVLayer(spec, rope=lambda first, n, device: _rope(n, 64, first)).update(post, post)[0]
+        err[pre_rope] = ((got - post).norm() / post.norm()).item()
+    # measured 0.058 (pre-RoPE) vs 0.233 (post-RoPE)
+    assert err[True] < 0.5 * err[False], err
+
+
+def test_nsn_pre_rope_on_a_model_equals_rope_from_the_models_rotary():
+    """On a tiny llama the cache's positions are the tokens' indices: decoding token by token stores what one
+    prefill stores; a model with RoPE refuses a cache without its rotary embedding; left padding is refused."""
+    model = tiny_model("llama", head_dim=32)
+    ids = tiny_inputs(model, batch=1, seq=19)
+    spec = KVCacheSpec(method="nsn", bits=2, group_size=8)
+    with torch.no_grad():
+        prefill = QuantizedKVCache.for_model(model, spec)
+        model(ids, cache=prefill, use_cache=True)
+        table = prefill.layers[0].rope(0, 19, ids.device)
+        ref = model.model.rotary_emb(torch.ones(1), torch.arange(19)[None])
+        assert torch.allclose(table[0], ref[0][0]) and torch.allclose(table[1], ref[1][0])
+        with pytest.raises(QuantError, match=r"nsn's pre-RoPE keys take each token's index in the cache as its "
+                                             r"position; attention passed positions \[5, 6, 7, 8\]"):
+            model(ids, cache=QuantizedKVCache.for_model(model, spec), position_ids=torch.arange(5, 24)[None],
+                  use_cache=True)
+    with pytest.raises(QuantError, match=r"nsn's pre-RoPE keys need the model's rotary embedding"):
+        QuantizedKVCache(model.config, spec)
+    assert rotary_embedding(tiny_model("opt")) is None  # learned positions: keys arrive without RoPE
+    assert KVCacheSpec(method="nsn", bits=1, pre_rope=False, sink=4).short() == "kv-nsn1-w64-res0-postrope-sink4"
 
 
 def test_beam_search_reorders_the_stored_tensors():

@@ -103,7 +103,7 @@ def evaluate_perplexity(model, input_ids: torch.Tensor, *, seqlen: int = 2048, w
     for i in range(0, use.shape[0], batch_size):
         batch = use[i:i + batch_size].to(device)  # [b, seqlen]
         run = ({"use_cache": False} if kv_cache is None else  # a fresh quantized cache per window
-               {"use_cache": True, cache_key: QuantizedKVCache(model.config, kv_cache, float_prefix=p)})
+               {"use_cache": True, cache_key: QuantizedKVCache.for_model(model, kv_cache, float_prefix=p)})
         if prefix is None:
             logits = model(input_ids=batch, **run).logits  # [b, seqlen, vocab]
         else:  # PrefixQuant: [prefix | window], prefix positions float, the same tokens predicted

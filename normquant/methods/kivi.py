@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from normquant.quant.kv import (KVCacheSpec, KVQuantizer, dequantize_minmax, minmax_qparams, quantize_minmax,
+from normquant.quant.kv import (KVCacheSpec, KVQuantizer, Rope, dequantize_minmax, minmax_qparams, quantize_minmax,
                                 register_kv_method, scale_dtype)
 from normquant.quant.packing import pack_codes, packed_width, unpack_codes
 
@@ -64,10 +64,11 @@ class KIVIKeys(_KIVIQuantizer):
     def __init__(self, bits: int, dtype: torch.dtype, group_size: int):
         super().__init__(bits, dtype, token_block=group_size)
 
-    def quantize(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize(self, x: torch.Tensor, rope: Rope | None = None) -> dict[str, torch.Tensor]:
         return self._stored(*quantize_keys(x, self.bits, self.token_block, self.dtype))
 
-    def dequantize(self, stored: dict[str, torch.Tensor], head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    def dequantize(self, stored: dict[str, torch.Tensor], head_dim: int, dtype: torch.dtype,
+                   rope: Rope | None = None) -> torch.Tensor:
         return dequantize_keys(self._codes(stored, head_dim), stored["scale"], stored["minimum"]).to(dtype)
 
     def bits_per_token_head(self, head_dim: int) -> tuple[float, float, float]:
@@ -79,10 +80,11 @@ class KIVIValues(_KIVIQuantizer):
     def __init__(self, bits: int, dtype: torch.dtype):
         super().__init__(bits, dtype, token_block=1)
 
-    def quantize(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize(self, x: torch.Tensor, rope: Rope | None = None) -> dict[str, torch.Tensor]:
         return self._stored(*quantize_values(x, self.bits, self.dtype))
 
-    def dequantize(self, stored: dict[str, torch.Tensor], head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    def dequantize(self, stored: dict[str, torch.Tensor], head_dim: int, dtype: torch.dtype,
+                   rope: Rope | None = None) -> torch.Tensor:
         return dequantize_minmax(self._codes(stored, head_dim), stored["scale"], stored["minimum"]).to(dtype)
 
     def bits_per_token_head(self, head_dim: int) -> tuple[float, float, float]:

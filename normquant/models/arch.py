@@ -493,6 +493,12 @@ def resolve_path(model: nn.Module, path: str) -> str:
     raise UnsupportedArchitecture(f"module '{path}' not found in {type(model).__name__} (tried {', '.join(candidates)})")
 
 
+def rotary_embedding(model: nn.Module) -> nn.Module | None:
+    """The model's rotary embedding module (``forward(x, position_ids) -> (cos, sin)``, transformers' RoPE modules,
+    which hold ``inv_freq``); None for a model without one (learned or absolute positions, ALiBi)."""
+    return next((m for m in model.modules() if hasattr(m, "inv_freq") and "Rotary" in type(m).__name__), None)
+
+
 def cache_argument(model: nn.Module) -> str:
     """The name under which the model's ``forward`` takes and returns the KV cache: ``cache`` in the transformers
     releases that renamed it (``past_key_values`` warns there that it goes in 5.40), ``past_key_values`` before."""

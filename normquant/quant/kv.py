@@ -51,6 +51,11 @@ class KVCacheSpec(BaseModel):
     * ``rotate_keys``: R3 (METHODS §4.2): keys quantized in the per-head Hadamard basis ``T k`` (after RoPE) and
       read back as ``Tᵀ Q(T k)``; attention then computes ``q · Tᵀ Q(T k) = (T q) · Q(T k)``, QuaRot's rotated
       scores, without an online transform of ``q``. Values are left alone (QuaRot's ``v`` rotation is offline).
+    * ``pre_rope`` (nsn): keys normalized and mean-shifted before RoPE, as the paper does (METHODS §3.2; default
+      true on a RoPE model): the cache un-rotates the post-RoPE keys it receives, takes the window mean there and
+      reads ``ŝ1 (Tᵀ(s2' ŷ) + RoPE_p(ô))`` back. ``false``: the mean of the post-RoPE keys.
+    * ``sink``: the first ``sink`` tokens of the cache (after a PrefixQuant prefix) stay in the model's float dtype,
+      the attention sinks (NSNQuant's reference ``KV_SINK``, default 0 there and here).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -63,6 +68,8 @@ class KVCacheSpec(BaseModel):
     residual: int = Field(default=0, ge=0, strict=True)
     scale_dtype: Literal["float16", "float32"] = "float16"
     rotate_keys: StrictBool = False
+    pre_rope: StrictBool | None = None
+    sink: int = Field(default=0, ge=0, strict=True)
 
     @model_validator(mode="after")
     def _check(self) -> "KVCacheSpec":
@@ -74,6 +81,9 @@ class KVCacheSpec(BaseModel):
             raise ValueError("nsn fixes its own layout (vector quantization per window): remove granularity/symmetric")
         if self.method == "nsn" and self.rotate_keys:
             raise ValueError("nsn applies its own Hadamard to keys (a second one would cancel it): remove rotate_keys")
+        if self.method != "nsn" and self.pre_rope is not None:
+            raise ValueError(f"pre_rope is nsn's (its window mean of the keys before RoPE); {self.method} quantizes "
+                             "the keys attention reads: remove pre_rope")
         if self.method == "kivi":
             if self.granularity is not None:
                 raise ValueError("kivi fixes its own layout (keys per channel, values per token): remove granularity")
@@ -89,11 +99,19 @@ class KVCacheSpec(BaseModel):
         """Tokens quantized together in the keys (KIVI's G, NSN's window; 1 for per-token quantizers)."""
         return self.group_size or {"kivi": 32, "nsn": 64}.get(self.method, 1)
 
+    @property
+    def keys_pre_rope(self) -> bool:
+        """NSN's key transform runs before RoPE (on a model with RoPE)."""
+        return self.method == "nsn" and self.pre_rope is not False
+
     def short(self) -> str:
-        """``kv-int4-sym-tokhead-res0``, ``kv-kivi2-g32-res128-rot`` (``rot``: R3), ``kv-nsn1-w64-res0``."""
+        """``kv-int4-sym-tokhead-res0``, ``kv-kivi2-g32-res128-rot`` (``rot``: R3), ``kv-nsn1-w64-res0``
+        (``-postrope``: nsn with ``pre_rope: false``; ``-sinkN``: ``sink: N``)."""
         layout = {"kivi": f"kivi{self.bits}-g{self.key_group}", "nsn": f"nsn{self.bits}-w{self.key_group}"}.get(
             self.method, f"int{self.bits}-{'asym' if self.symmetric is False else 'sym'}-tokhead")
-        return f"kv-{layout}-res{self.residual}{'-rot' if self.rotate_keys else ''}"
+        tail = "".join(t for t, on in (("-rot", self.rotate_keys), ("-postrope", self.pre_rope is False),
+                                       (f"-sink{self.sink}", self.sink > 0)) if on)
+        return f"kv-{layout}-res{self.residual}{tail}"
 
 
 # ---------------------------------------------------------------------------------------------- on the model
@@ -127,17 +145,25 @@ def stored_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return scale.to(dtype).clamp_(min=torch.finfo(dtype).tiny)
 
 
+#: RoPE of the tokens a quantizer handles: ``(cos, sin)`` ``[n, D]`` each, the pure rotation (transformers' half-split
+#: layout: ``RoPE_p(x) = x cos + rotate_half(x) sin``), for quantizers with ``needs_rope``
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
 class KVQuantizer(ABC):
     """Quantizes ``n`` tokens ``[B, H, n, D]`` (``n`` a multiple of ``token_block``) into stored tensors whose axis 2
-    counts tokens or token blocks, and dequantizes them back to ``[B, H, n, head_dim]`` in ``dtype``."""
+    counts tokens or token blocks, and dequantizes them back to ``[B, H, n, head_dim]`` in ``dtype``. A quantizer
+    with ``needs_rope`` is handed the RoPE of those tokens (``rope``); the others ignore it."""
 
     token_block: int = 1
+    needs_rope: bool = False
 
     @abstractmethod
-    def quantize(self, x: torch.Tensor) -> dict[str, torch.Tensor]: ...
+    def quantize(self, x: torch.Tensor, rope: Rope | None = None) -> dict[str, torch.Tensor]: ...
 
     @abstractmethod
-    def dequantize(self, stored: dict[str, torch.Tensor], head_dim: int, dtype: torch.dtype) -> torch.Tensor: ...
+    def dequantize(self, stored: dict[str, torch.Tensor], head_dim: int, dtype: torch.dtype,
+                   rope: Rope | None = None) -> torch.Tensor: ...
 
     @abstractmethod
     def bits_per_token_head(self, head_dim: int) -> tuple[float, float, float]:
@@ -214,14 +240,15 @@ class TokenHeadRTN(KVQuantizer):
         self.spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="token", dynamic=True)
         self.dtype = dtype
 
-    def quantize(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize(self, x: torch.Tensor, rope: Rope | None = None) -> dict[str, torch.Tensor]:
         codes, scale, zero = quantize_token_head(x, self.spec, self.dtype)
         stored = {"codes": pack_codes(codes.to(torch.int32), self.spec.bits, signed=True), "scale": scale}
         if not self.spec.symmetric:
             stored["zero"] = zero.to(torch.int8)
         return stored
 
-    def dequantize(self, stored: dict[str, torch.Tensor], head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    def dequantize(self, stored: dict[str, torch.Tensor], head_dim: int, dtype: torch.dtype,
+                   rope: Rope | None = None) -> torch.Tensor:
         codes = unpack_codes(stored["codes"], self.spec.bits, head_dim, signed=True)
         zero = stored["zero"] if "zero" in stored else torch.zeros_like(stored["scale"])
         return dequantize_token_head(codes, stored["scale"], zero, dtype)
@@ -246,11 +273,12 @@ class HadamardRotated(KVQuantizer):
     def __init__(self, inner: KVQuantizer):
         self.inner, self.token_block = inner, inner.token_block
 
-    def quantize(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize(self, x: torch.Tensor, rope: Rope | None = None) -> dict[str, torch.Tensor]:
         t = head_hadamard(x.shape[-1], x.device)
         return self.inner.quantize(x.float() @ t.t())  # y_t = T x_t
 
-    def dequantize(self, stored: dict[str, torch.Tensor], head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    def dequantize(self, stored: dict[str, torch.Tensor], head_dim: int, dtype: torch.dtype,
+                   rope: Rope | None = None) -> torch.Tensor:
         t = head_hadamard(head_dim, next(iter(stored.values())).device)
         return (self.inner.dequantize(stored, head_dim, torch.float32) @ t).to(dtype)  # x̂_t = Tᵀ ŷ_t
 
@@ -303,19 +331,20 @@ class KVBits:
 
 
 def quantized_tokens(seqlen: int, residual: int, token_block: int, float_prefix: int = 0) -> int:
-    """Tokens of a ``seqlen`` cache held quantized: all but the ``float_prefix`` first and at least the ``residual``
-    most recent, in whole blocks of ``token_block``."""
+    """Tokens of a ``seqlen`` cache held quantized: all but the ``float_prefix`` first (prefix and sink tokens) and
+    at least the ``residual`` most recent, in whole blocks of ``token_block``."""
     return max(0, seqlen - float_prefix - residual) // token_block * token_block
 
 
 def kv_bits_per_element(spec: KVCacheSpec, head_dim: int, seqlen: int, float_bits: int = 16,
                         float_prefix: int = 0) -> KVBits:
     """Exact stored bits per K/V element of a cache of ``seqlen`` tokens (per layer and head; keys and values
-    averaged), float tokens counted at ``float_bits`` (the model's dtype). :meth:`QuantizedKVCache.nbytes` holds
-    this many bits for every element (tested)."""
+    averaged), float tokens counted at ``float_bits`` (the model's dtype); ``float_prefix``: PrefixQuant's prefixed
+    tokens (``spec.sink`` tokens more stay float). :meth:`QuantizedKVCache.nbytes` holds this many bits for every
+    element (tested)."""
     parts = [0.0, 0.0, 0.0, 0.0]
     for quantizer in kv_quantizers(spec):
-        n_q = quantized_tokens(seqlen, spec.residual, quantizer.token_block, float_prefix)
+        n_q = quantized_tokens(seqlen, spec.residual, quantizer.token_block, float_prefix + spec.sink)
         for i, bits in enumerate(quantizer.bits_per_token_head(head_dim)):
             parts[i] += n_q * bits
         parts[3] += (seqlen - n_q) * head_dim * float_bits
