@@ -329,11 +329,18 @@ def test_rotated_keys_are_quaroths_r3():
     assert err[True] < err[False] / 2, err  # measured 31.6 vs 99.2
 
 
-def test_cache_refuses_non_cpu_tensors_in_one_line():
-    layer = QuantizedKVLayer(KVCacheSpec(bits=8))
-    k = torch.zeros(1, 1, 2, 8, device="meta")
-    with pytest.raises(QuantError, match="packs its codes on the CPU only for now.*got keys on meta"):
-        layer.update(k, k)
+@pytest.mark.parametrize("spec", SPECS + [KVCacheSpec(method="nsn", bits=b, group_size=4) for b in (1, 2)],
+                         ids=lambda s: s.short())
+def test_cache_stays_on_the_keys_device(spec):
+    """Every stored tensor (codes, scales, float window) and what attention reads live where the keys do: on
+    ``meta`` here, which fails on any tensor allocated elsewhere (a GPU cache runs the same code)."""
+    k = torch.zeros(1, 2, 9, 64, device="meta")
+    table = lambda first, n, device: (torch.ones(n, 64, device=device), torch.zeros(n, 64, device=device))  # noqa: E731
+    layer = QuantizedKVLayer(spec, rope=table)
+    keys, values = layer.update(k, k)
+    keys, values = layer.update(k[:, :, :1], k[:, :, :1])
+    held = layer.key.tensors() + layer.value.tensors()
+    assert keys.shape == values.shape == (1, 2, 10, 64) and {t.device.type for t in held + [keys, values]} == {"meta"}
 
 
 # ---------------------------------------------------------------------------------------------- NSNQuant

@@ -113,9 +113,6 @@ class QuantizedKVLayer(DynamicLayer):
         self.reset()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if key_states.device.type != "cpu":
-            raise QuantError(f"the quantized KV cache packs its codes on the CPU only for now (normquant.quant.packing"
-                             f" allocates there); got keys on {key_states.device}: run with --device cpu")
         self.device, self.dtype = key_states.device, key_states.dtype
         self.is_initialized = True
 

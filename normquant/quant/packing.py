@@ -37,7 +37,7 @@ def pack_to_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     u = codes.to(torch.int32) + 2 ** (bits - 1)
     u = nn.functional.pad(u, (0, n_groups * 32 - cols)).reshape(rows, n_groups, 32)  # [rows, cols] -> [rows, G, 32]
     u = u.permute(2, 0, 1).contiguous()  # [32, rows, G]: code i of every group
-    words = torch.zeros(bits, rows, n_groups, dtype=torch.int32)  # [b, rows, G]
+    words = torch.zeros(bits, rows, n_groups, dtype=torch.int32, device=codes.device)  # [b, rows, G]
     for i in range(32):
         word, offset = divmod(i * bits, 32)
         words[word] |= u[i] << offset  # wraps around: only the low 32 bits are kept
@@ -55,7 +55,7 @@ def unpack_from_int32(packed: torch.Tensor, bits: int, shape: tuple[int, int], d
     n_groups = math.ceil(cols / 32)
     words = nn.functional.pad(packed, (0, n_groups * bits - packed.shape[1])).reshape(rows, n_groups, bits)
     words = words.permute(2, 0, 1).contiguous()  # [b, rows, G]
-    u = torch.empty(32, rows, n_groups, dtype=torch.int32)  # [32, rows, G]: code i of every group
+    u = torch.empty(32, rows, n_groups, dtype=torch.int32, device=packed.device)  # [32, rows, G]: code i of every group
     for i in range(32):
         word, offset = divmod(i * bits, 32)
         value = words[word] >> offset
