@@ -18,7 +18,8 @@ Parts (``--parts``, default all):
   through a float cache.
 * ``generate``: ``--prompts`` prompts (the first 32 tokens of evaluation windows 0, 1, ...) greedily extended by
   ``--new-tokens`` tokens through the float cache and through each quantized cache: how many continuations are
-  identical, and where the others first differ.
+  identical, and where the others first differ. Yardsticks: a float cache rounded to float16 / bfloat16 (the
+  dtypes serving engines hold a "float" cache in).
   With them, decode speed: new tokens / wall time of ``generate`` (median over prompts; CPU, the thread count
   recorded). No target: an honest figure.
 
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from normquant.models.arch import cache_argument
 from normquant.data.text import tokenize_eval
@@ -66,7 +68,27 @@ ROWS = {
 STACK = {"w4a4kv4-rotated-gptq": "recipes/w4a4kv4_rotated_gptq.yaml",
          "w4a8kv4-rotated-gptq": "recipes/w4a8kv4_rotated_gptq.yaml"}
 MEMORY_ROWS = ["int8", "int4", "kivi2", "nsn2", "nsn1"]
-GENERATE_ROWS = ["int8", "int8-r3", "int4", "int4-r3-asym", "int2", "kivi2", "nsn2"]
+#: generation yardsticks, not quantized: the float cache rounded to a serving dtype (what "float" KV is in serving)
+ROUNDED = {"float16-cache": torch.float16, "bfloat16-cache": torch.bfloat16}
+GENERATE_ROWS = ["int8", "int8-r3", "int4", "int4-r3-asym", "int2", "kivi2", "nsn2", *ROUNDED]
+
+
+class RoundedLayer(DynamicLayer):
+    """A float cache layer that holds its keys and values rounded to ``dtype`` (read back in the model's dtype)."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.rounding = dtype
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        k, v = (t.to(self.rounding).to(t.dtype) for t in (key_states, value_states))
+        return super().update(k, v, *args, **kwargs)
+
+
+def _cache(model, name: str):
+    if name in ROUNDED:
+        return Cache(layers=[RoundedLayer(ROUNDED[name]) for _ in range(model.config.num_hidden_layers)])
+    return QuantizedKVCache.for_model(model, _spec(name))
 
 
 def _spec(name: str) -> KVCacheSpec:
@@ -167,20 +189,25 @@ def generate(model, tok, ids, rows: list[str], prompts: int, new_tokens: int, ou
         return texts, seconds
 
     ref, ref_s = run(None)
+    old = out.get("generate") or {}
+    same = all(old.get(k) == v for k, v in (("prompts", prompts), ("prompt_tokens", 32), ("new_tokens", new_tokens)))
+    kept = {k: v for k, v in old.items() if same and isinstance(v, dict) and k not in rows and k != "float"}
+    for v in kept.values():  # rows kept from an earlier run keep that run's commit
+        v.setdefault("commit", old.get("commit"))
     out["generate"] = {"prompts": prompts, "prompt_tokens": 32, "new_tokens": new_tokens,
                        "commit": out["environment"]["git_commit"],
                        "float": {"tokens_per_s": new_tokens / statistics.median(ref_s),
-                                 "first_continuation": tok.decode(ref[0])}}
+                                 "first_continuation": tok.decode(ref[0])}, **kept}
     print(f"generate float: {out['generate']['float']['tokens_per_s']:.1f} tok/s", flush=True)
     for name in rows:
-        spec = _spec(name)
-        got, secs = run(lambda: QuantizedKVCache.for_model(model, spec))
+        got, secs = run(lambda: _cache(model, name))
         first_diff = [None if torch.equal(a, b) else int((a != b).nonzero()[0, 0]) for a, b in zip(got, ref)]
         margins = [None if d is None else _top2_margin(model, torch.cat([p[0], r[:d]])) for p, r, d in
                    zip(starts, ref, first_diff)]
         out["generate"][name] = {"identical": sum(d is None for d in first_diff), "first_difference": first_diff,
                                  "float_top2_margin_there": margins,
-                                 "tokens_per_s": new_tokens / statistics.median(secs)}
+                                 "tokens_per_s": new_tokens / statistics.median(secs),
+                                 "commit": out["environment"]["git_commit"]}
         print(f"generate {name}: {out['generate'][name]['identical']}/{prompts} identical, first differences "
               f"{first_diff}, {out['generate'][name]['tokens_per_s']:.1f} tok/s", flush=True)
         save()
@@ -193,8 +220,9 @@ def _top2_margin(model, ids: torch.Tensor) -> float:
 
 
 def markdown(out: dict) -> str:
-    parts = [out.get("memory"), out.get("generate"), *(out.get("table") or {}).values(),
-             *(out.get("stack") or {}).values()]
+    gen = out.get("generate") or {}
+    parts = [out.get("memory"), gen, *(out.get("table") or {}).values(), *(out.get("stack") or {}).values(),
+             *(v for k, v in gen.items() if isinstance(v, dict) and k != "float")]
     commits = sorted({p.get("commit", out["environment"]["git_commit"]) for p in parts if isinstance(p, dict)})
     lines = [f"SmolLM2-135M, float32 weights and activations, CPU {out['environment']['threads']} threads, commit "
              f"{', '.join(f'`{c}`' for c in commits) or out['environment']['git_commit']} (per part in the JSON)."]
@@ -255,6 +283,8 @@ def main() -> None:
                     choices=["table", "stack", "memory", "generate"])
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="table rows")
     ap.add_argument("--stack", nargs="+", default=list(STACK), choices=list(STACK), help="stack rows")
+    ap.add_argument("--generate-rows", nargs="+", default=GENERATE_ROWS, choices=GENERATE_ROWS,
+                    help="generation rows (with --append, the others are kept)")
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -290,7 +320,7 @@ def main() -> None:
     if "memory" in args.parts:
         memory(model, ids, MEMORY_ROWS, out, save)
     if "generate" in args.parts:
-        generate(model, tok, ids, GENERATE_ROWS, args.prompts, args.new_tokens, out, save)
+        generate(model, tok, ids, args.generate_rows, args.prompts, args.new_tokens, out, save)
     save()
 
 

@@ -158,7 +158,7 @@ COMMANDS = {
     INSPECT: f"normquant inspect smollm2-135m --samples 4 --seqlen 512 --data-dir {DATA} --output "
              "eval/inspect_smollm2 --force",
     REAL: f"python scripts/bench_real.py --data-dir {DATA} --windows 16 --out {REAL}",
-    KV: f"python scripts/eval_kv.py --data-dir {DATA} --parts memory generate --out eval/kv_smollm2 --append",
+    KV: f"python scripts/eval_kv.py --data-dir {DATA} --windows 16 --out eval/kv_smollm2",
     OFFLOAD: f"python scripts/bench_offload.py --out {OFFLOAD}",
 }
 
@@ -436,16 +436,41 @@ def _kv(r):
     mb = {k: (v if isinstance(v, (int, float)) else v["bytes"]) / 1e6 for k, v in m.items() if k not in ("tokens", "commit")}
     bpe = {k: v["bits_per_element_held"] for k, v in m.items() if isinstance(v, dict)}
     exact = all(v["bits_per_element_held"] == v["bits_per_element_account"] for v in m.values() if isinstance(v, dict))
-    margin = max(x for x in g["int8"]["float_top2_margin_there"] if x is not None)
-    speeds = [g[k]["tokens_per_s"] for k in g if isinstance(g[k], dict) and k != "float"]
+    margin = max((x for x in g["int8"]["float_top2_margin_there"] if x is not None), default=0.0)
+    quantized = [k for k in g if isinstance(g[k], dict) and k != "float" and not k.endswith("-cache")]
+    speeds = [g[k]["tokens_per_s"] for k in quantized]
+    n = g["prompts"]
+    yardsticks = [k for k in g if k.endswith("-cache")]
+    matches = ", ".join(f"{g[k]['identical']}/{n} {k}" for k in quantized)
+    if yardsticks:
+        matches += "; not quantized, a float cache rounded to " + ", ".join(
+            f"{k.removesuffix('-cache')} {g[k]['identical']}/{n}" for k in yardsticks)
     return f"""  Measured on SmolLM2 (`eval/kv_smollm2.md`, `scripts/eval_kv.py --parts memory generate`, {r[KV]['environment']['threads']} threads): a
   {m['tokens']}-token cache holds {mb['float32']:.1f} MB in float32, {mb['float16']:.1f} MB in float16, {mb['int8']:.1f} MB int8 ({bpe['int8']:.2f} bits/element), {mb['int4']:.1f} MB int4,
-  {mb['kivi2']:.1f} MB KIVI-2, {mb['nsn2']:.1f} MB NSN-2 ({bpe['nsn2']:.2f}), {mb['nsn1']:.1f} MB NSN-1 ({bpe['nsn1']:.2f}) — bytes held {'equal' if exact else 'differ from'} the exact account; greedy
-  generation ({g['prompts']} prompts, {g['new_tokens']} new tokens) matches float on {g['int8']['identical']}/{g['prompts']} prompts with the int8 cache (every divergence at
-  a float top-2 logit margin ≤ {margin:.3f}), {g['int4']['identical']}/{g['prompts']} at int4, {g['nsn2']['identical']}/{g['prompts']} with NSN-2; decode {min(speeds):.0f}–{max(speeds):.0f} tokens/s through a quantized
-  cache vs {g['float']['tokens_per_s']:.1f} float (every step dequantizes the whole cache).
+  {mb['kivi2']:.1f} MB KIVI-2, {mb['nsn2']:.1f} MB NSN-2 ({bpe['nsn2']:.2f}), {mb['nsn1']:.1f} MB NSN-1 ({bpe['nsn1']:.2f}) — bytes held {'equal' if exact else 'differ from'} the exact account.
+{_kv_generate(g, matches, margin, speeds)}
 {_kv_table(r[KV])}
+{_kv_stack(r[KV])}
 """
+
+
+def _kv_generate(g, matches, margin, speeds) -> str:
+    text = (f"Greedy generation ({g['prompts']} prompts, {g['new_tokens']} new tokens) identical to float: {matches} "
+            f"(the int8 cache's divergences at a float top-2 logit margin ≤ {margin:.3f}); decode "
+            f"{min(speeds):.0f}–{max(speeds):.0f} tokens/s through a quantized cache vs {g['float']['tokens_per_s']:.1f} float "
+            "(every step dequantizes the whole cache).")
+    return "\n".join(textwrap.wrap(text, width=116, initial_indent="  ", subsequent_indent="  "))
+
+
+def _kv_stack(x) -> str:
+    st, t = x.get("stack") or {}, x.get("table") or {}
+    if not st:
+        return "  The full stack (W4A4KV4, W4A8KV4 with rotation) is next."
+    cells = "; ".join(f"{k} {v['ppl']:.3f} (×{v['ratio_to_float']:.3f} float; {v['ppl_float_kv']:.3f} with a float KV "
+                      f"cache)" for k, v in st.items())
+    text = (f"Full stack (rotation R1+R2+R4, GPTQ INT4 weights, dynamic per-token activations, asymmetric INT4 KV per "
+            f"token-head with R3, {x['windows']} windows, float {t['float']['ppl']:.3f}): {cells}.")
+    return "\n".join(textwrap.wrap(text, width=116, initial_indent="  ", subsequent_indent="  "))
 
 
 def _kv_table(x) -> str:
