@@ -235,7 +235,8 @@ def markdown(out: dict) -> str:
                   "each row's record), head_dim 64 (SmolLM2) and 128.", "",
                   "| KV cache | bits/elem (d=64) | bits/elem (d=128) | ppl | vs float |", "|---|---:|---:|---:|---:|",
                   f"| float (float32) | 32 | 32 | {f['ppl']:.3f} | — |"]
-        for name, r in t.items():
+        for name, r in sorted(t.items(), key=lambda kv: -kv[1].get("bits_per_element", {}).get("head_dim_64", {})
+                              .get("total", 99)):
             if name != "float":
                 b = r["bits_per_element"]
                 lines.append(f"| {name} `{r['short']}` | {b['head_dim_64']['total']:.3f} | "
@@ -243,7 +244,7 @@ def markdown(out: dict) -> str:
     st = out.get("stack")
     if st:
         lines += ["", "**Full stack** (rotation R1+R2+R4, GPTQ INT4 per-channel weights, dynamic per-token activations, "
-                  "INT4 per-token-head KV with R3; calibration C4 validation 16×2048 seed 0): the same quantized model "
+                  "asymmetric INT4 per-token-head KV with R3; calibration C4 validation 16×2048 seed 0): the same quantized model "
                   "through its quantized cache and through a float cache.", "",
                   "| stack | KV bits/elem (d=64) | ppl | × float | ppl, float KV | × float |", "|---|---:|---:|---:|---:|---:|"]
         for name, r in st.items():
