@@ -436,7 +436,8 @@ def _kv(r):
     mb = {k: (v if isinstance(v, (int, float)) else v["bytes"]) / 1e6 for k, v in m.items() if k not in ("tokens", "commit")}
     bpe = {k: v["bits_per_element_held"] for k, v in m.items() if isinstance(v, dict)}
     exact = all(v["bits_per_element_held"] == v["bits_per_element_account"] for v in m.values() if isinstance(v, dict))
-    margin = max((x for x in g["int8"]["float_top2_margin_there"] if x is not None), default=0.0)
+    margin = max((x for k in ("int8", "int8-r3") if k in g for x in g[k]["float_top2_margin_there"] if x is not None),
+                 default=0.0)
     quantized = [k for k in g if isinstance(g[k], dict) and k != "float" and not k.endswith("-cache")]
     speeds = [g[k]["tokens_per_s"] for k in quantized]
     n = g["prompts"]
@@ -445,7 +446,7 @@ def _kv(r):
     if yardsticks:
         matches += "; not quantized, a float cache rounded to " + ", ".join(
             f"{k.removesuffix('-cache')} {g[k]['identical']}/{n}" for k in yardsticks)
-    return f"""  Measured on SmolLM2 (`eval/kv_smollm2.md`, `scripts/eval_kv.py --parts memory generate`, {r[KV]['environment']['threads']} threads): a
+    return f"""  Measured on SmolLM2 (`eval/kv_smollm2.md`, `scripts/eval_kv.py`, {r[KV]['environment']['threads']} threads): a
   {m['tokens']}-token cache holds {mb['float32']:.1f} MB in float32, {mb['float16']:.1f} MB in float16, {mb['int8']:.1f} MB int8 ({bpe['int8']:.2f} bits/element), {mb['int4']:.1f} MB int4,
   {mb['kivi2']:.1f} MB KIVI-2, {mb['nsn2']:.1f} MB NSN-2 ({bpe['nsn2']:.2f}), {mb['nsn1']:.1f} MB NSN-1 ({bpe['nsn1']:.2f}) — bytes held {'equal' if exact else 'differ from'} the exact account.
 {_kv_generate(g, matches, margin, speeds)}
@@ -455,8 +456,8 @@ def _kv(r):
 
 
 def _kv_generate(g, matches, margin, speeds) -> str:
-    text = (f"Greedy generation ({g['prompts']} prompts, {g['new_tokens']} new tokens) identical to float: {matches} "
-            f"(the int8 cache's divergences at a float top-2 logit margin ≤ {margin:.3f}); decode "
+    text = (f"Greedy generation ({g['prompts']} prompts, {g['new_tokens']} new tokens; the int8 caches diverge where the "
+            f"float top-2 logit margin is ≤ {margin:.3f}) identical to float: {matches}; decode "
             f"{min(speeds):.0f}–{max(speeds):.0f} tokens/s through a quantized cache vs {g['float']['tokens_per_s']:.1f} float "
             "(every step dequantizes the whole cache).")
     return "\n".join(textwrap.wrap(text, width=116, initial_indent="  ", subsequent_indent="  "))
