@@ -296,8 +296,7 @@ def _install_quant_linears(model: nn.Module, tensors: dict[str, torch.Tensor], q
             local = {k[len(name) + 1:]: t for k, t in tensors.items() if k.startswith(f"{name}.")}
             weight = module.weight.t() if type(module).__name__ == "Conv1D" else module.weight  # [out, in]
             check_layer_tensors(name, local, fmt, wspec, aspec, weight.shape[0], weight.shape[1])
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, decompress_linear(local, fmt, wspec, aspec, dtype))
+            model.set_submodule(name, decompress_linear(local, fmt, wspec, aspec, dtype))
             replaced.append(name)
             hits += 1
         if not hits:

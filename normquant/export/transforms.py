@@ -164,8 +164,7 @@ def install_transforms(model: nn.Module, transforms: dict[str, tuple[list[str], 
                 checked.add((plan, key))
             carrier.input_transform = OnlineHadamard(carrier.in_features)
             if carrier is not module:
-                parent, _, child = target.rpartition(".")
-                setattr(model.get_submodule(parent), child, carrier)
+                model.set_submodule(target, carrier)
 
 
 def apply_transforms(model: nn.Module, path: str | Path) -> nn.Module:

@@ -135,8 +135,7 @@ def center_residual(model: nn.Module, arch: Architecture) -> None:
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+    model.set_submodule(path, new)
 
 
 @torch.no_grad()

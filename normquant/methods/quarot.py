@@ -96,8 +96,7 @@ def rotate_mlp_input(model: nn.Module, arch: Architecture) -> None:
             _set(carrier.weight, hadamard_transform(carrier.weight.double()))
             carrier.input_transform = OnlineHadamard(carrier.in_features)
             if carrier is not lin:
-                parent, _, child = path.rpartition(".")
-                setattr(model.get_submodule(parent), child, carrier)
+                model.set_submodule(path, carrier)
 
 
 def rotate_model(model: nn.Module, arch: Architecture, *, r1: bool = True, r2: bool = True, r4: bool = True,

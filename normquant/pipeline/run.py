@@ -58,8 +58,7 @@ def wrap_linears(root: nn.Module, scheme: Scheme, prefix: str = "") -> dict[str,
             continue
         ql = QuantLinear.wrap(module, *specs)
         set_activation_quant([ql], False)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(root.get_submodule(parent_name) if parent_name else root, attr, ql)
+        root.set_submodule(name, ql)
         wrapped[name] = ql
     return wrapped
 
