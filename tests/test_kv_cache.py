@@ -498,8 +498,8 @@ def test_nsn_pre_rope_removes_the_channel_offsets_rope_spreads():
 
 
 def test_nsn_pre_rope_on_a_model_equals_rope_from_the_models_rotary():
-    """On a tiny llama the cache's positions are the tokens' indices: decoding token by token stores what one
-    prefill stores; a model with RoPE refuses a cache without its rotary embedding; left padding is refused."""
+    """On a tiny llama the cache's cos/sin table is the model's rotary embedding at the tokens' cache indices; a
+    model with RoPE refuses a cache without its rotary embedding; positions other than the indices are refused."""
     model = tiny_model("llama", head_dim=32)
     ids = tiny_inputs(model, batch=1, seq=19)
     spec = KVCacheSpec(method="nsn", bits=2, group_size=8)
