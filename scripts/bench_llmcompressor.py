@@ -323,6 +323,10 @@ OUTLIER_ROWS: dict[str, tuple[str, str, object, str]] = {
     "w4a4-rotated-rtn": (
         "W4A4 dynamic per-token, rotation, RTN weights", "recipes/w4a4_rotated_gptq.yaml",
         lambda s: [_step(s, "rotate"), "rtn"], "derive"),
+    "w4a4-rotated-rtn-mse": (
+        "W4A4 dynamic per-token, rotation, RTN weights with the MSE clip search (both sides)",
+        "recipes/w4a4_rotated_gptq.yaml",
+        lambda s: [_step(s, "rotate"), {"rtn": {"mse": True}}], "derive"),
     "w4a4-gptq": (
         "W4A4 dynamic per-token, GPTQ weights", "recipes/w4a4_rotated_gptq.yaml",
         lambda s: [_step(s, "gptq")], "derive"),
