@@ -527,11 +527,11 @@ def run_table(args) -> None:
     protocol_key["samples"] = args.samples
 
     out_path = Path(args.out)
-    previous = {}
+    previous, previous_commit = {}, None
     if args.resume and out_path.is_file():
         old = json.loads(out_path.read_text())
         if old.get("protocol_key") == protocol_key:
-            previous = old.get("rows", {})
+            previous, previous_commit = old.get("rows", {}), old.get("git_commit")
             print(f"[table] resuming: {len(previous)} row(s) in {out_path} share this protocol", flush=True)
         else:
             print(f"[table] --resume: {out_path} has another protocol; starting afresh", flush=True)
@@ -621,7 +621,8 @@ def run_table(args) -> None:
             same = (old.get("normquant_recipe", {}).get("hash") == recipe.hash() if side == "normquant" else
                     old.get("llmcompressor_recipe") == entry["llmcompressor_recipe"])
             if same and isinstance(old.get(side), dict) and "ppl" in old[side]:
-                entry[side] = {**old[side], "resumed": True}
+                # a kept side names the commit of the run that made it (the document's commit is this run's)
+                entry[side] = {"git_commit": previous_commit, **old[side], "resumed": True}
                 if side == "llmcompressor":
                     entry["llmcompressor_resolved_scheme"] = old.get("llmcompressor_resolved_scheme")
                     entry["llmcompressor_resolved_mismatches"] = old.get("llmcompressor_resolved_mismatches")
@@ -648,7 +649,8 @@ def run_table(args) -> None:
                 print(f"[table] {row} / {side}: FAILED, see {work / f'table_{side}_{row}.log'}", flush=True)
                 save()
                 continue
-            entry[side] = {**_side_summary(rec, fppl), "loadavg_before": load, "versions": rec.get("versions")}
+            entry[side] = {**_side_summary(rec, fppl), "loadavg_before": load, "versions": rec.get("versions"),
+                           "git_commit": doc["git_commit"]}
             if side == "llmcompressor":
                 lc_done[lc_key] = row
                 resolved = rec["check"].get("resolved_scheme", {})
