@@ -14,6 +14,12 @@ float model's logits are unchanged (tests: ≤1e-10 relative in float64, ≤1e-4
   in float32 as the linear's ``input_transform`` (:class:`~normquant.quant.hadamard.OnlineHadamard`), before its
   input quantizer.
 
+* **online before ``o_proj``** (``online_o``, off by default; QuaRot's "1½ Hadamards", METHODS §4.2): offline
+  ``W_o ← W_o T_dᵀ``, online ``x ← T_d x`` on the attention output, like R4. QuaRot applies ``H_{n_h}`` across the
+  head axis online so that, with R2's per-head ``H_{d_h}``, the attention output sees ``H_{n_h} ⊗ H_{d_h} = H_d``;
+  that identity needs ``n_h`` of a Hadamard order (SmolLM2 has 9 heads), so normquant applies the full ``T_d``
+  online after R2 [NQ]: the input of ``o_proj`` sees ``T_d (I ⊗ T_dh)``, orthogonal, mixing every head.
+
 ``T`` is :func:`~normquant.quant.hadamard.hadamard_transform` (``K·2^m`` sizes, block-diagonal fallback with a
 warning otherwise). R3 (online q/k after RoPE) belongs to the KV-cache work and is not here.
 """
@@ -81,26 +87,39 @@ def rotate_heads(model: nn.Module, arch: Architecture) -> None:
             _set(w_o, hadamard_transform(cols).reshape(w_o.shape))  # W_o (I ⊗ T)ᵀ: T on each head's segment
 
 
+def _online_input_hadamard(model: nn.Module, path: str) -> None:
+    """``W ← W Tᵀ`` offline and ``T`` online (float32, before the input quantizer) on the input of linear ``path``."""
+    lin = model.get_submodule(path)
+    carrier = lin if isinstance(lin, QuantLinear) else QuantLinear.wrap(lin, None, None)
+    if carrier.input_transform is not None:
+        raise StepError(f"{path} already has an online input transform; rotate the model once")
+    _set(carrier.weight, hadamard_transform(carrier.weight.double()))  # [out, in]: T on each row
+    carrier.input_transform = OnlineHadamard(carrier.in_features)
+    if carrier is not lin:
+        model.set_submodule(path, carrier)
+
+
 @torch.no_grad()
 def rotate_mlp_input(model: nn.Module, arch: Architecture) -> None:
     """R4: ``W_down ← W_down Tᵀ`` offline and ``T`` online, on the input of each MLP output linear."""
     for i in range(len(get_blocks(model, arch))):
         attention_o = {a.o for a in block_attention(model, i, arch)}
         for path in residual_writers(model, i, arch):
-            if path in attention_o:
-                continue
-            lin = model.get_submodule(path)
-            carrier = lin if isinstance(lin, QuantLinear) else QuantLinear.wrap(lin, None, None)
-            if carrier.input_transform is not None:
-                raise StepError(f"{path} already has an online input transform; rotate the model once")
-            _set(carrier.weight, hadamard_transform(carrier.weight.double()))
-            carrier.input_transform = OnlineHadamard(carrier.in_features)
-            if carrier is not lin:
-                model.set_submodule(path, carrier)
+            if path not in attention_o:
+                _online_input_hadamard(model, path)
+
+
+@torch.no_grad()
+def rotate_attention_output(model: nn.Module, arch: Architecture) -> None:
+    """QuaRot's online half of the value/output rotation: ``W_o ← W_o T_dᵀ`` offline and ``T_d`` online on the
+    attention output (all heads together), on top of R2's per-head ``T_dh``."""
+    for i in range(len(get_blocks(model, arch))):
+        for att in block_attention(model, i, arch):
+            _online_input_hadamard(model, att.o)
 
 
 def rotate_model(model: nn.Module, arch: Architecture, *, r1: bool = True, r2: bool = True, r4: bool = True,
-                 seed: int = 0) -> None:
+                 online_o: bool = False, seed: int = 0) -> None:
     """Norm fusion, then the chosen rotations; in place, function-preserving."""
     fuse_norms(model, arch)
     if r1:
@@ -109,11 +128,13 @@ def rotate_model(model: nn.Module, arch: Architecture, *, r1: bool = True, r2: b
         rotate_heads(model, arch)
     if r4:
         rotate_mlp_input(model, arch)
+    if online_o:
+        rotate_attention_output(model, arch)
 
 
 @register_step
 class Rotation(Step):
-    """``rotate: {r1, r2, r4, seed}``: QuaRot's Hadamard rotations, model-wide (no data); list it first.
+    """``rotate: {r1, r2, r4, online_o, seed}``: QuaRot's Hadamard rotations, model-wide (no data); list it first.
     Steps after it (RepQuant, GPTQ, norm tweaking) see the rotated model; norm tweaking tunes the fused
     norms' γ (= 1) in the rotated basis."""
 
@@ -122,7 +143,8 @@ class Rotation(Step):
     r1: bool = True
     r2: bool = True
     r4: bool = True
+    online_o: bool = False
     seed: int = Field(0, ge=0)
 
     def apply_model(self, model, arch) -> None:
-        rotate_model(model, arch, r1=self.r1, r2=self.r2, r4=self.r4, seed=self.seed)
+        rotate_model(model, arch, r1=self.r1, r2=self.r2, r4=self.r4, online_o=self.online_o, seed=self.seed)
