@@ -39,6 +39,7 @@ CASES = {  # name: (intermediate size, scheme)
     "w8a8-static": (96, {"weights": W8, "input_activations": {"bits": 8, "granularity": "tensor"}}),
     "down-proj-float": (96, {"weights": W8, "input_activations": A8_DYN,
                              "overrides": [{"pattern": "down_proj", "weights": None, "input_activations": None}]}),
+    "w8a8-dynamic-online-o": (96, {"weights": W8, "input_activations": A8_DYN}),  # + rotate online_o: 2 schemes
 }
 
 
@@ -46,7 +47,7 @@ def _rotated_export(tmp_path, case: str):
     n_ff, scheme = CASES[case]
     model = tiny_model("llama", intermediate_size=n_ff)
     recipe = parse_recipe({"name": case, "scheme": {"ignore": ["lm_head"], **scheme},
-                           "steps": [{"rotate": {"seed": 0}}, "rtn"],
+                           "steps": [{"rotate": {"seed": 0, "online_o": case.endswith("online-o")}}, "rtn"],
                            "calibration": {"samples": 4, "seqlen": 16, "batch_size": 2}})
     calib = tiny_inputs(model, batch=4, seed=1) if recipe.needs_data else None
     quantize(model, recipe, calib, progress=False)
@@ -115,6 +116,8 @@ def test_rotated_export_logits_identical_in_normquant_and_transformers(tmp_path,
     ours, _ = load_model(str(path))  # what `normquant eval --model <export>` evaluates
     ours.set_attn_implementation("eager")
     assert all(isinstance(layer.mlp.down_proj.input_transform, OnlineHadamard) for layer in ours.model.layers)
+    assert all(isinstance(getattr(layer.self_attn.o_proj, "input_transform", None), OnlineHadamard) ==
+               case.endswith("online-o") for layer in ours.model.layers)
     assert (model_output(ours, ids) - measured).abs().max().item() == 0.0  # measured: 0.0
 
     serving = _config(path)["normquant"]["serving"]
