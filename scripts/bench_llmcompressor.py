@@ -41,7 +41,9 @@ under recipes/ or a dict derived from one) and the llm-compressor modifiers deri
 :func:`lc_modifiers_for` (SmoothQuantModifier / SpinQuantModifier(R1, R2, R4, random-hadamard) followed by a
 QuantizationModifier (RTN) or GPTQModifier), or None where llm-compressor has no equivalent (RepQuant, LLM.int8).
 One calibration tensor and one evaluator for every row; the float row once; the JSON (``--out``, default
-eval/outliers_smollm2.json) is rewritten after every side of every row; ``--rows``, ``--sides``, ``--resume``::
+eval/outliers_smollm2.json) is rewritten after every side of every row; ``--rows``, ``--sides``, ``--resume``
+(a side whose recipe is unchanged is kept; rows not in ``--rows`` are carried over; every side names the commit
+of the run that made it)::
 
     python scripts/bench_llmcompressor.py --table outliers --data-dir /work/shared/data --samples 16 --windows 16
 
@@ -593,6 +595,16 @@ def run_table(args) -> None:
     fppl = float_main["ppl"]
     save()
 
+    # rows of the previous document that this run does not list are carried over as they are, with the commit of
+    # the run that made them: a table filled over several runs keeps every row
+    for row, old_entry in previous.items():
+        if row not in rows:
+            entry = copy.deepcopy(old_entry)
+            for side in ("normquant", "llmcompressor"):
+                if isinstance(entry.get(side), dict):
+                    entry[side].setdefault("git_commit", previous_commit)
+            doc["rows"][row] = {**entry, "carried": True}
+            doc["rows_order"] = [*doc["rows_order"], row]
     failed = []
     lc_done: dict[str, str] = {}  # llm-compressor recipe (JSON) -> the row that ran it in this run
     for row in rows:
@@ -718,7 +730,8 @@ def main() -> None:
     tb = ap.add_argument_group("issue 10 table (--table outliers; --scheme, --act-order, --tag, --note are ignored)")
     tb.add_argument("--table", choices=["outliers"],
                     help="run the issue 10 side-by-side table (rows: OUTLIER_ROWS) instead of one GPTQ scheme")
-    tb.add_argument("--rows", help=f"comma-separated subset of rows, in this order (default all: "
+    tb.add_argument("--rows", help=f"comma-separated subset of rows to run, in this order; with --resume the "
+                                   f"previous document's other rows are carried over (default all: "
                                    f"{','.join(OUTLIER_ROWS)})")
     tb.add_argument("--sides", default="normquant,llmcompressor", help="normquant,llmcompressor or one of them")
     tb.add_argument("--out", default=str(REPO / "eval" / "outliers_smollm2.json"),

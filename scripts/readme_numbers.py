@@ -115,6 +115,7 @@ W34, W3G64_RTN, W4_MSE = "eval/gptq_w34_smollm2.json", "eval/gptq_vs_rtn_smollm2
 TWEAK, REPQUANT = "eval/norm_tweak_smollm2.json", "eval/repquant_smollm2.json"
 MEMORY, MINILM, INSPECT = "eval/runner_memory.json", "eval/minilm_sqnr.json", "eval/inspect_smollm2/inspect.json"
 REAL, KV, OFFLOAD = "eval/real_cpu.json", "eval/kv_smollm2.json", "eval/offload_cpu.json"
+OUTLIERS = "eval/outliers_smollm2.json"
 
 _RUN = ("normquant run recipes/w8a8_rtn.yaml --no-baseline --windows {w} --output out/w8a8-{w}w && "
         "cp out/w8a8-{w}w/results.json {dst}")
@@ -160,6 +161,8 @@ COMMANDS = {
     REAL: f"python scripts/bench_real.py --data-dir {DATA} --windows 16 --out {REAL}",
     KV: f"python scripts/eval_kv.py --data-dir {DATA} --windows 16 --out eval/kv_smollm2",
     OFFLOAD: f"python scripts/bench_offload.py --out {OFFLOAD}",
+    OUTLIERS: f"python scripts/bench_llmcompressor.py --table outliers --data-dir {DATA} --samples 16 --windows 16 "
+              "--threads 2  # llm-compressor in /tmp/lcvenv: see eval/llmcompressor/README.md",
 }
 
 
@@ -510,6 +513,25 @@ resident memory above the imports: in memory {peak('memory'):.2f} GiB ({runs['me
 """
 
 
+def _outliers(r):
+    t = r[OUTLIERS]
+    f = t["float"]["ppl"]
+
+    def cell(d) -> str:
+        return f"{d['ppl']:.3f} | ×{d['ppl'] / f:.3f}" if isinstance(d, dict) and "ppl" in d else "— | —"
+
+    lines = [f"| row (first 16 windows, float {f:.3f}) | normquant | ×float | llm-compressor | ×float | ratio |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for key in t["rows_order"]:
+        e = t["rows"].get(key)
+        if e is None:  # a run stopped before this row
+            continue
+        ratio = e.get("ppl_ratio_normquant_over_llmcompressor")
+        lc = cell(e.get("llmcompressor")) if e.get("llmcompressor_recipe") else "n/a | "
+        lines.append(f"| {e['title']} | {cell(e.get('normquant'))} | {lc} | {f'{ratio:.3f}' if ratio else ''} |")
+    return "\n".join(lines) + "\n"
+
+
 def _block(name, sources, render, unbacked=()):
     return Block(name, sources, tuple(dict.fromkeys(COMMANDS[s] for s in sources)), render, unbacked)
 
@@ -523,6 +545,7 @@ BLOCKS = [
     _block("sensitivity", (CORE, W8A8_16, MIXED, SENSITIVITY), _sensitivity),
     _block("bench-eval", (BENCH,), _bench),
     _block("llmcompressor", (LC_W4, LC_W8), _llmcompressor),
+    _block("outliers", (OUTLIERS,), _outliers),
     _block("gptq-vs-rtn", (CORE, W34, LC_W4, W3G64_RTN, W4_MSE), _gptq_vs_rtn),
     _block("norm-tweak", (TWEAK, CORE, LC_W4), _tweak),
     _block("repquant", (REPQUANT,), _repquant),
