@@ -410,7 +410,8 @@ def lc_modifiers_for(recipe, lc_note: str) -> tuple[list[dict] | None, list[str]
         raise SystemExit("scheme overrides (mixed precision) are not translated to llm-compressor here")
     if sch.input_activations is not None and sch.input_activations.outlier_threshold is not None:
         return None, [], "LLM.int8() decomposition has no compressed-tensors scheme"
-    diffs = list(COMMON_DIFFERENCES)
+    full = sch.weights is not None and sch.weights.full_range  # compressed-tensors' own symmetric grid
+    diffs = [d for d in COMMON_DIFFERENCES if not (full and d.startswith("symmetric weight grid"))]
     mods: list[dict] = []
     weight_step = None
     for st in recipe.steps:

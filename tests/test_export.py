@@ -30,6 +30,9 @@ W4_TENSOR_ASYM = QuantSpec(bits=4, symmetric=False, granularity="tensor")
 W8_CH_ASYM = QuantSpec(bits=8, symmetric=False, granularity="channel")
 A8_TENSOR_STATIC = QuantSpec(bits=8, granularity="tensor")
 A8_TENSOR_STATIC_ASYM = QuantSpec(bits=8, symmetric=False, granularity="tensor")
+W4_CH_FULL = QuantSpec(bits=4, granularity="channel", full_range=True)  # codes -8..7
+W8_CH_FULL = QuantSpec(bits=8, granularity="channel", full_range=True)  # codes -128..127
+A8_TENSOR_STATIC_FULL = QuantSpec(bits=8, granularity="tensor", full_range=True)
 
 # (weight spec, input spec, expected compressed-tensors format)
 SCHEMES = {
@@ -41,6 +44,8 @@ SCHEMES = {
     "w4-tensor-asym": (W4_TENSOR_ASYM, None, "pack-quantized"),
     "w8asym-a8static": (W8_CH_ASYM, A8_TENSOR_STATIC_ASYM, "int-quantized"),
     "w4-a8static": (W4_G16, A8_TENSOR_STATIC, "pack-quantized"),
+    "w4-ch-full": (W4_CH_FULL, None, "pack-quantized"),
+    "w8full-a8static-full": (W8_CH_FULL, A8_TENSOR_STATIC_FULL, "int-quantized"),
 }
 
 
@@ -310,7 +315,8 @@ def _local(tensors, name):
     return {k[len(name) + 1:]: t for k, t in tensors.items() if k.startswith(f"{name}.")}
 
 
-CT_CASES = ["w8asym-a8static", "w8-ch-asym", "w3-g16-asym", "w4-g16-asym", "w4-tensor-asym", "w8a8-ch-dyn", "mixed"]
+CT_CASES = ["w8asym-a8static", "w8-ch-asym", "w3-g16-asym", "w4-g16-asym", "w4-tensor-asym", "w8a8-ch-dyn", "mixed",
+            "w4-ch-full", "w8full-a8static-full"]
 
 
 def _exported(tmp_path, case):

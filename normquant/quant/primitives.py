@@ -75,14 +75,14 @@ def check_finite(x: torch.Tensor, what: str = "tensor") -> None:
 def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer-valued zero point from a range ``[xmin, xmax]`` (any broadcastable shape).
 
-    symmetric:  ``s = max(|xmin|, |xmax|) / qmax``, ``z = 0``
+    symmetric:  ``s = max(|xmin|, |xmax|) / qmax``, ``z = 0`` (``/ (qmax + 1/2)`` with ``spec.full_range``)
     asymmetric: ``s = (xmax - xmin) / (2^b - 1)``, ``z = round(-xmin / s)``, the range always holding 0.
     """
     xmin = torch.clamp(xmin, max=0) * spec.clip_ratio
     xmax = torch.clamp(xmax, min=0) * spec.clip_ratio
     tiny = torch.finfo(torch.float32).tiny * 1e6
     if spec.symmetric:
-        scale = torch.maximum(xmin.abs(), xmax) / spec.qmax
+        scale = torch.maximum(xmin.abs(), xmax) / (spec.qmax + 0.5 if spec.full_range else spec.qmax)
         scale = scale.clamp(min=tiny)
         return scale, torch.zeros_like(scale)
     scale = ((xmax - xmin) / (spec.qmax - spec.qmin)).clamp(min=tiny)

@@ -27,6 +27,11 @@ class QuantSpec(BaseModel):
     * ``clip_ratio``: the range is shrunk by this factor before the scale is computed (QuaRot uses 0.9).
     * ``outlier_threshold`` (dynamic per-token activations): LLM.int8()'s decomposition — input columns with
       any ``|x| ≥`` this value in a forward pass stay float (:mod:`normquant.quant.llm_int8`; 6.0 in the paper).
+    * ``full_range`` (symmetric, not dynamic): use all ``2^b`` codes, ``s = absmax / ((2^b - 1) / 2)`` with the
+      code of ``+absmax`` clamped to ``2^(b-1) - 1`` — the GPTQ reference quantizer's symmetric grid (METHODS §6.2:
+      scale ``(max - min)/(2^b - 1)``, zero ``2^(b-1)``) and compressed-tensors'. The default restricted grid
+      ``s = absmax / (2^(b-1) - 1)`` leaves ``-2^(b-1)`` unused (15 of 16 codes at 4 bits). Dynamic activations
+      always compute compressed-tensors' scales (:func:`normquant.quant.primitives.serving_qparams_view`).
     * ``observer`` (static activations): how calibration picks the range — ``minmax`` (the full observed
       range) or ``percentile`` (the RepQ-ViT search, METHODS §5.2: of the clips at the 0.999 / 0.9999 /
       0.99999 quantiles, the one with the lowest fake-quant MSE on the calibration values).
@@ -40,6 +45,7 @@ class QuantSpec(BaseModel):
     group_size: int | None = Field(default=None, gt=0, strict=True)
     dynamic: StrictBool = False
     clip_ratio: float = Field(default=1.0, gt=0.0, le=1.0)
+    full_range: StrictBool = False
     observer: Literal["minmax", "percentile"] = "minmax"
     outlier_threshold: float | None = Field(default=None, gt=0.0)
 
@@ -48,6 +54,10 @@ class QuantSpec(BaseModel):
         if self.outlier_threshold is not None and not (self.dynamic and self.granularity == "token"):
             raise ValueError("outlier_threshold (LLM.int8 decomposition) is for dynamic per-token input activations: "
                              "set dynamic: true and granularity: token")
+        if self.full_range and (not self.symmetric or self.dynamic):
+            raise ValueError("full_range is for symmetric static quantizers (weights, static activations): dynamic "
+                             "activations already use compressed-tensors' full grid; remove full_range or set "
+                             "symmetric: true")
         if self.granularity == "group" and self.group_size is None:
             raise ValueError("granularity 'group' needs group_size (e.g. group_size: 64)")
         if self.granularity != "group" and self.group_size is not None:
@@ -68,5 +78,6 @@ class QuantSpec(BaseModel):
     def short(self) -> str:
         g = {"group": f"g{self.group_size}", "channel": "ch", "tensor": "t", "token": "tok"}[self.granularity]
         out = f"{self.outlier_threshold:g}" if self.outlier_threshold is not None else None
-        return (f"int{self.bits}-{'sym' if self.symmetric else 'asym'}-{g}{'-dyn' if self.dynamic else ''}"
+        sym = ("symfull" if self.full_range else "sym") if self.symmetric else "asym"
+        return (f"int{self.bits}-{sym}-{g}{'-dyn' if self.dynamic else ''}"
                 + (f"-outliers{out}" if out else ""))
