@@ -421,6 +421,9 @@ def lc_modifiers_for(recipe, lc_note: str) -> tuple[list[dict] | None, list[str]
                 raise SystemExit(f"rotate {p}: only R1+R2+R4 is translated")
             mods.append({"type": "SpinQuantModifier",
                          "args": {"rotations": ["R1", "R2", "R4"], "transform_type": "random-hadamard"}})
+            if p.get("online_o"):
+                diffs.append("online Hadamard before o_proj (rotate.online_o, QuaRot's): normquant only, "
+                             "SpinQuantModifier has no such rotation (its R2 is the offline per-head one)")
             diffs += [
                 f"rotation matrices: normquant random Hadamard from seed {p['seed']}; llm-compressor's "
                 "random-hadamard from its own unseeded torch.Generator (fixed default seed): different random "
@@ -607,7 +610,9 @@ def run_table(args) -> None:
             doc["rows"][row] = {**entry, "carried": True}
             doc["rows_order"] = [*doc["rows_order"], row]
     failed = []
-    lc_done: dict[str, str] = {}  # llm-compressor recipe (JSON) -> the row that ran it in this run
+    lc_done: dict[str, str] = {  # llm-compressor recipe (JSON) -> the row that ran it (carried rows too)
+        json.dumps(e["llmcompressor_recipe"], sort_keys=True): row for row, e in doc["rows"].items()
+        if e.get("llmcompressor_recipe") and "ppl" in (e.get("llmcompressor") or {})}
     for row in rows:
         plan = plans[row]
         recipe = plan["recipe"]
