@@ -113,13 +113,18 @@ def sha256_file(p: Path) -> str:
 
 
 def head_commit(repo: Path = REPO) -> str:
-    """HEAD's commit read from .git directly (no git process); 'unknown' when not a checkout."""
+    """HEAD's commit read from .git directly (no git process); 'unknown' when not a checkout. A worktree's .git is a
+    file naming its git directory, whose refs live in the common directory."""
     git = repo / ".git"
     try:
+        if git.is_file():  # "gitdir: <path>" (git worktree add)
+            git = Path(git.read_text().split("gitdir:", 1)[1].strip())
         head = (git / "HEAD").read_text().strip()
         if not head.startswith("ref: "):
             return head
         ref = head[5:]
+        if (git / "commondir").is_file():
+            git = (git / (git / "commondir").read_text().strip()).resolve()
         if (git / ref).is_file():
             return (git / ref).read_text().strip()
         for line in (git / "packed-refs").read_text().splitlines():

@@ -613,7 +613,8 @@ def write(text: str, blocks: list[Block], root: Path) -> tuple[str, list[str]]:
             skipped.append(f"{b.name}: left as it is: {'; '.join(bad)}")
             continue
         new = render(b, root)
-        text = MARKER.sub(lambda m: m[0].replace(m["body"], new, 1) if m["name"] == b.name else m[0], text)
+        text = MARKER.sub(lambda m: f"<!-- numbers:{b.name} -->\n{new}<!-- /numbers:{b.name} -->"
+                          if m["name"] == b.name else m[0], text)  # (an empty body too)
     return text, skipped
 
 

@@ -48,6 +48,13 @@ def test_mismatching_number_is_reported_and_rewritten(tmp_path):
     assert text == _readme("12.346") and skipped == []  # the prose around the block is kept
 
 
+def test_an_empty_block_is_filled_between_its_markers(tmp_path):
+    """A new block (markers only) is rendered inside them (the former substitution wrote it before the first)."""
+    empty = "# x\n\nprose\n<!-- numbers:demo -->\n<!-- /numbers:demo -->\nmore prose\n"
+    text, skipped = rn.write(empty, [DEMO], _root(tmp_path))
+    assert text == _readme("12.346") and skipped == []
+
+
 def test_missing_record_commitless_record_unbacked_number_and_missing_markers(tmp_path):
     problems, _ = rn.check(_readme("1.000"), [DEMO], tmp_path)
     assert problems == ["demo: eval/r.json: missing"]
