@@ -96,7 +96,8 @@ TABLE_CODE_FILES = ("normquant/methods/quarot.py", "normquant/methods/smoothquan
                     "normquant/methods/norm_fusion.py", "normquant/quant/hadamard.py", "normquant/quant/llm_int8.py",
                     "normquant/quant/observers.py", "normquant/quant/search.py", "recipes/w8a8_smoothquant.yaml",
                     "recipes/w8a8_static_rotated.yaml", "recipes/w8a8_int8_decomp.yaml", "recipes/w4a8_rotated.yaml",
-                    "recipes/w4a4_rotated_gptq.yaml", "recipes/w4a8_norm_centric_stack.yaml")
+                    "recipes/w4a4_rotated_gptq.yaml", "recipes/w4a4_rotated_rtn.yaml",
+                    "recipes/w4a8_norm_centric_stack.yaml")
 
 DEFAULT_NOTE = ("N is below the GPTQ protocol's 128 x 2048 to fit a shared 2-core CPU: each side makes 2 sequential "
                 "passes of N x 2048 tokens through the 30 blocks, ~6 s per sample per pass on an idle machine and "
@@ -334,6 +335,9 @@ OUTLIER_ROWS: dict[str, tuple[str, str, object, str]] = {
         "W4A4 dynamic per-token, rotation, RTN weights with the MSE clip search (both sides)",
         "recipes/w4a4_rotated_gptq.yaml",
         lambda s: [_step(s, "rotate"), {"rtn": {"mse": True}}], "derive"),
+    "w4a4-rotated-rtn-recipe": (
+        "W4A4 dynamic per-token, rotation + online o_proj Hadamard, RTN weights on the full grid with the MSE clip "
+        "search (recipes/w4a4_rotated_rtn.yaml)", "recipes/w4a4_rotated_rtn.yaml", None, "derive"),
     "w4a4-gptq": (
         "W4A4 dynamic per-token, GPTQ weights", "recipes/w4a4_rotated_gptq.yaml",
         lambda s: [_step(s, "gptq")], "derive"),
