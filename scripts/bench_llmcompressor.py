@@ -595,6 +595,17 @@ def run_table(args) -> None:
         doc["date_last_write"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         write_json(out_path, doc)
 
+    # rows of the previous document that this run does not list are carried over as they are (before the first
+    # write, so that no write drops them), with the commit of the run that made them: a table filled over runs
+    for row, old_entry in previous.items():
+        if row not in rows:
+            entry = copy.deepcopy(old_entry)
+            for side in ("normquant", "llmcompressor"):
+                if isinstance(entry.get(side), dict):
+                    entry[side].setdefault("git_commit", previous_commit)
+            doc["rows"][row] = {**entry, "carried": True}
+            doc["rows_order"] = [*doc["rows_order"], row]
+
     float_main = float_side(sys.executable, "main", base_job, float_job_path, work, extra_pythonpath=False)
     print(f"[table] float ppl (main env) {float_main['ppl']:.4f}", flush=True)
     float_rec = {"ppl": float_main["ppl"], "eval": float_main["eval"], "versions_main": float_main["versions"],
@@ -608,16 +619,6 @@ def run_table(args) -> None:
     fppl = float_main["ppl"]
     save()
 
-    # rows of the previous document that this run does not list are carried over as they are, with the commit of
-    # the run that made them: a table filled over several runs keeps every row
-    for row, old_entry in previous.items():
-        if row not in rows:
-            entry = copy.deepcopy(old_entry)
-            for side in ("normquant", "llmcompressor"):
-                if isinstance(entry.get(side), dict):
-                    entry[side].setdefault("git_commit", previous_commit)
-            doc["rows"][row] = {**entry, "carried": True}
-            doc["rows_order"] = [*doc["rows_order"], row]
     failed = []
     lc_done: dict[str, str] = {  # llm-compressor recipe (JSON) -> the row that ran it (carried rows too)
         json.dumps(e["llmcompressor_recipe"], sort_keys=True): row for row, e in doc["rows"].items()
