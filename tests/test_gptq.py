@@ -185,3 +185,47 @@ def test_mse_clip_search_never_worse_than_minmax(spec, max_ratio):
     e_search = (searched - W).abs().pow(2.4).reshape(rows).sum(1)
     assert (e_search <= e_minmax * (1 + 1e-5)).all()  # the search objective, row by row (p = 1 is a candidate)
     assert ((searched - W) ** 2).sum() < max_ratio * ((minmax - W) ** 2).sum()
+
+
+def test_hessians_of_layers_with_an_online_transform_are_taken_after_it(monkeypatch):
+    """Rotated tiny llama (R4 before down_proj, the online Hadamard before o_proj), W4 GPTQ: every Hessian the
+    step accumulates is of the input the stored weight multiplies, ``T x`` where the layer has ``T`` (the former
+    hook took ``x``: down_proj and o_proj were fitted in the wrong basis)."""
+    import normquant.methods.gptq as gptq_module
+    from normquant.pipeline.run import quantize
+    from normquant.quant.hadamard import OnlineHadamard
+    from normquant.recipe import parse_recipe
+    from tests.tiny_models import tiny_inputs, tiny_model
+
+    model = tiny_model("llama", intermediate_size=96)
+    seen: dict[str, list[torch.Tensor]] = {}
+    raw: dict[str, list[torch.Tensor]] = {}
+    original_add = HessianAccumulator.add
+
+    def add(self, x):
+        seen.setdefault(self.name, []).append(x.detach().clone())
+        original_add(self, x)
+
+    monkeypatch.setattr(gptq_module.HessianAccumulator, "add", add)
+    original_wrap = gptq_module.GPTQ.apply_block
+
+    def apply_block(self, ctx):  # record the raw inputs of the same layers, through a hook of our own
+        hooks = [ql.register_forward_pre_hook(lambda _m, args, n=f"{ctx.name}.{n}": raw.setdefault(n, []).append(
+            args[0].detach().clone())) for n, ql in ctx.quant_linears.items()]
+        try:
+            return original_wrap(self, ctx)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    monkeypatch.setattr(gptq_module.GPTQ, "apply_block", apply_block)
+    recipe = parse_recipe({"scheme": {"ignore": ["lm_head"], "weights": {"bits": 4}},
+                           "steps": [{"rotate": {"seed": 0, "online_o": True}}, "gptq"],
+                           "calibration": {"samples": 4, "seqlen": 16, "batch_size": 2}})
+    quantize(model, recipe, tiny_inputs(model, batch=4, seed=1), progress=False)
+    transformed = [n for n in seen if n.endswith(("down_proj", "o_proj"))]
+    assert len(transformed) == 4 and len(seen) == 14  # 2 blocks x 7 linears
+    for name, xs in seen.items():
+        T = OnlineHadamard(xs[0].shape[-1]) if name in transformed else (lambda v: v)
+        for x, r in zip(xs, raw[name]):
+            assert torch.equal(x, T(r)), name
