@@ -143,7 +143,7 @@ class Rotation(Step):
     r1: bool = True
     r2: bool = True
     r4: bool = True
-    online_o: bool = False
+    online_o: bool = Field(False, exclude_if=lambda v: not v)  # not dumped when off: former recipes keep their hash
     seed: int = Field(0, ge=0)
 
     def apply_model(self, model, arch) -> None:

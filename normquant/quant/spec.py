@@ -45,7 +45,8 @@ class QuantSpec(BaseModel):
     group_size: int | None = Field(default=None, gt=0, strict=True)
     dynamic: StrictBool = False
     clip_ratio: float = Field(default=1.0, gt=0.0, le=1.0)
-    full_range: StrictBool = False
+    # left out of dumps when false, so that recipes written before the field existed keep their hash
+    full_range: StrictBool = Field(False, exclude_if=lambda v: not v)
     observer: Literal["minmax", "percentile"] = "minmax"
     outlier_threshold: float | None = Field(default=None, gt=0.0)
 
