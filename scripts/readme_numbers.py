@@ -513,6 +513,13 @@ resident memory above the imports: in memory {peak('memory'):.2f} GiB ({runs['me
 """
 
 
+#: display order of the issue 10 table (a run records its rows in the order it ran them)
+OUTLIER_ORDER = ("w8a8-static-naive", "w8a8-static-smoothquant", "w8a8-static-smoothquant-normpairs",
+                 "w8a8-static-rotated", "w8a8-static-rotated-repquant", "w8a8-static-prefix-rotated", "w8a8-llm-int8",
+                 "w4a8-rtn", "w4a8-rotated-rtn", "w4a8-gptq", "w4a8-rotated-gptq", "w4a4-rtn", "w4a4-rotated-rtn",
+                 "w4a4-rotated-rtn-mse", "w4a4-rotated-rtn-recipe", "w4a4-gptq", "w4a4-rotated-gptq")
+
+
 def _outliers(r):
     t = r[OUTLIERS]
     f = t["float"]["ppl"]
@@ -522,7 +529,7 @@ def _outliers(r):
 
     lines = [f"| row (first 16 windows, float {f:.3f}) | normquant | ×float | llm-compressor | ×float | ratio |",
              "|---|---:|---:|---:|---:|---:|"]
-    for key in t["rows_order"]:
+    for key in sorted(t["rows_order"], key=lambda k: OUTLIER_ORDER.index(k) if k in OUTLIER_ORDER else len(OUTLIER_ORDER)):
         e = t["rows"].get(key)
         if e is None:  # a run stopped before this row
             continue
