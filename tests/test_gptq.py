@@ -190,7 +190,8 @@ def test_mse_clip_search_never_worse_than_minmax(spec, max_ratio):
 def test_hessians_of_layers_with_an_online_transform_are_taken_after_it(monkeypatch):
     """Rotated tiny llama (R4 before down_proj, the online Hadamard before o_proj), W4 GPTQ: every Hessian the
     step accumulates is of the input the stored weight multiplies, ``T x`` where the layer has ``T`` (the former
-    hook took ``x``: down_proj and o_proj were fitted in the wrong basis)."""
+    hook took ``x``: down_proj and o_proj were fitted in the wrong basis; on SmolLM2, eval/outliers_smollm2.json,
+    rotated GPTQ W4A4 went 52.535 -> 40.944 and W4A8 31.842 -> 24.375 with the fix and the recipes' other changes)."""
     import normquant.methods.gptq as gptq_module
     from normquant.pipeline.run import quantize
     from normquant.quant.hadamard import OnlineHadamard
