@@ -113,29 +113,6 @@ def sha256_file(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
 
 
-def head_commit(repo: Path = REPO) -> str:
-    """HEAD's commit read from .git directly (no git process); 'unknown' when not a checkout. A worktree's .git is a
-    file naming its git directory, whose refs live in the common directory."""
-    git = repo / ".git"
-    try:
-        if git.is_file():  # "gitdir: <path>" (git worktree add)
-            git = Path(git.read_text().split("gitdir:", 1)[1].strip())
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head
-        ref = head[5:]
-        if (git / "commondir").is_file():
-            git = (git / (git / "commondir").read_text().strip()).resolve()
-        if (git / ref).is_file():
-            return (git / ref).read_text().strip()
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0]
-    except OSError:
-        pass
-    return "unknown"
-
-
 def spec_to_ct(spec) -> dict | None:
     """normquant QuantSpec -> compressed-tensors QuantizationArgs dict (None for None)."""
     if spec is None:
@@ -510,7 +487,7 @@ def _side_summary(rec: dict, float_ppl: float) -> dict:
 def run_table(args) -> None:
     from transformers import AutoTokenizer
 
-    from normquant.evaluation.records import write_json
+    from normquant.evaluation.records import git_commit, write_json
     from normquant.models.loading import materialize_packaged
 
     rows = list(OUTLIER_ROWS) if not args.rows else [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -585,8 +562,7 @@ def run_table(args) -> None:
         "float": None,
         "rows_order": rows,
         "rows": {},
-        "git_commit": head_commit(),
-        "git_note": "HEAD read from .git; the working tree may hold uncommitted edits (shared tree)",
+        "git_commit": git_commit(REPO),  # "-dirty" when the code had uncommitted changes
         "code_sha256": code_sha,
         "date_start": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -807,6 +783,8 @@ def main() -> None:
 
     ppl_ratio = nq["ppl"] / lcr["ppl"]
     time_ratio = nq["quant_wall_s"] / lcr["quant_wall_s"]
+    from normquant.evaluation.records import git_commit, write_json
+
     out = {
         "benchmark": "normquant GPTQ vs llm-compressor GPTQModifier (scripts/bench_llmcompressor.py)",
         "scheme": args.scheme,
@@ -858,13 +836,10 @@ def main() -> None:
             "target_time_met": time_ratio <= 0.7,
         },
         "versions": {"main_env": nq["versions"], "llmcompressor_venv": lcr["versions"]},
-        "git_commit": head_commit(),
-        "git_note": "HEAD read from .git; the working tree may hold uncommitted edits (shared tree)",
+        "git_commit": git_commit(REPO),  # "-dirty" when the code had uncommitted changes
         "code_sha256": code_sha,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    from normquant.evaluation.records import write_json
-
     name = f"{args.scheme}-{args.tag}" if args.tag else args.scheme
     path = write_json(Path(args.out_dir) / f"{name}.json", out)
 
