@@ -282,12 +282,6 @@ def _ieee_fp32_matmul(device: torch.device) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- the step
-def layer_input(ql, x: torch.Tensor) -> torch.Tensor:
-    """What ``ql``'s weight multiplies: ``x`` after its online ``input_transform`` (R4, the ``o_proj`` Hadamard),
-    the basis of the stored weight ``W Tᵀ``; GPTQ's Hessian must be ``E[(Tx)(Tx)ᵀ]``, not ``E[x xᵀ]``."""
-    return x if ql.input_transform is None else ql.input_transform(x)
-
-
 @register_step
 class GPTQ(Step):
     """GPTQ weights (METHODS.md §6.2) from Hessians of the block's quantized-path inputs.
@@ -309,7 +303,8 @@ class GPTQ(Step):
     def apply_block(self, ctx) -> None:
         qls = {n: ql for n, ql in ctx.quant_linears.items() if ql.weight_spec is not None}
         accs = {n: HessianAccumulator(ql.in_features, name=f"{ctx.name}.{n}") for n, ql in qls.items()}
-        hooks = [ql.register_forward_pre_hook(lambda m, args, acc=accs[n]: acc.add(layer_input(m, args[0])))
+        # a layer with an online transform T stores W Tᵀ: its Hessian is E[(Tx)(Tx)ᵀ], of the transformed input
+        hooks = [ql.register_forward_pre_hook(lambda m, args, acc=accs[n]: acc.add(m.transformed_input(args[0])))
                  for n, ql in qls.items()]
         try:
             for x in ctx.batches():

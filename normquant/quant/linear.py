@@ -251,9 +251,13 @@ class QuantLinear(nn.Module):
         self.weight.data = w_hat.to(self.weight.dtype)
         self.weight_scale, self.weight_zero_point = scale.float(), zero.float()
 
+    def transformed_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` after the online ``input_transform`` ``T`` (before the input quantizer): what the stored weight
+        ``W Tᵀ`` multiplies, so also what GPTQ's Hessian is taken of."""
+        return x if self.input_transform is None else self.input_transform(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_transform is not None:
-            x = self.input_transform(x)
+        x = self.transformed_input(x)
         if self.input_quant is not None:
             x = self.input_quant(x)
         return F.linear(x, self.weight, self.bias)
