@@ -134,10 +134,6 @@ def center_residual(model: nn.Module, arch: Architecture) -> None:
                 lin.bias.copy_((lin.bias.double() - lin.bias.double().mean()).to(lin.bias.dtype))
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    model.set_submodule(path, new)
-
-
 @torch.no_grad()
 def fuse_norms(model: nn.Module, arch: Architecture) -> None:
     """Fuse every norm of ``model`` into its consumers (see the module docstring); in place."""
@@ -156,7 +152,7 @@ def fuse_norms(model: nn.Module, arch: Architecture) -> None:
         center_residual(model, arch)
         for path in norms:
             ln = model.get_submodule(path)
-            _replace(model, path, RMSNorm(ln.weight.shape[0], eps=ln.eps).to(ln.weight.device, ln.weight.dtype))
+            model.set_submodule(path, RMSNorm(ln.weight.shape[0], eps=ln.eps).to(ln.weight.device, ln.weight.dtype))
 
 
 @register_step
