@@ -530,13 +530,14 @@ def test_beam_search_reorders_the_stored_tensors():
 
 
 # ---------------------------------------------------------------------------------------------- model, export
-def _kv_quantized(kv: dict, weights: bool = True):
+def _kv_quantized(kv: dict, weights: bool | dict = True, steps: tuple = ("rtn",)):
     from normquant.pipeline.run import quantize
     from normquant.recipe import parse_recipe
 
     model = tiny_model("llama")
-    scheme = {"ignore": ["lm_head"], "kv_cache": kv, **({"weights": {"bits": 8}} if weights else {})}
-    return quantize(model, parse_recipe({"scheme": scheme, "steps": ["rtn"]}), progress=False)
+    w = {"bits": 8} if weights is True else weights
+    scheme = {"ignore": ["lm_head"], "kv_cache": kv, **({"weights": w} if w else {})}
+    return quantize(model, parse_recipe({"scheme": scheme, "steps": list(steps)}), progress=False)
 
 
 def test_quantize_attaches_the_kv_cache_and_the_evaluator_uses_it():
@@ -578,6 +579,23 @@ def test_export_carries_the_kv_cache(tmp_path, kv, expressible, weights):
     ours = evaluate_perplexity(model, ids, seqlen=32, progress=False)
     theirs = evaluate_perplexity(loaded, ids, seqlen=32, progress=False)
     assert theirs.kv_cache == ours.kv_cache and theirs.ppl == ours.ppl  # measured: identical
+
+
+def test_the_full_stack_exports_and_reloads_with_the_same_perplexity(tmp_path):
+    """The KV stack recipes' composition (recipes/w4a4kv4_rotated_gptq.yaml with RTN for GPTQ): rotation with the
+    online R4 and o_proj Hadamards, full-range INT4 weights, INT4 activations, an asymmetric INT4 cache with R3."""
+    from normquant.export import export_model, load_quantized
+
+    kv = {"bits": 4, "symmetric": False, "rotate_keys": True}
+    model = _kv_quantized(kv, {"bits": 4, "full_range": True},
+                          ({"rotate": {"seed": 0, "online_o": True}}, "rtn"))
+    ids = tiny_inputs(model, batch=1, seq=64)
+    loaded, _ = load_quantized(export_model(model, None, tmp_path / "e"))
+    loaded.set_attn_implementation(model.config._attn_implementation)
+    ours = evaluate_perplexity(model, ids, seqlen=32, progress=False)
+    theirs = evaluate_perplexity(loaded, ids, seqlen=32, progress=False)
+    assert kv_cache_of(loaded) == KVCacheSpec(**kv)
+    assert theirs.kv_cache == ours.kv_cache and theirs.ppl == ours.ppl, (ours.ppl, theirs.ppl)
 
 
 def test_nsn_has_no_kv_cache_scheme():
