@@ -12,7 +12,8 @@ Sources, from the architecture table's mappings (:mod:`normquant.models.arch`):
   ``fc1 → fc2`` through ReLU, s > 0): the source's output rows ``W_src[j] ← W_src[j]/s_j`` (and bias); through
   attention ``s`` lives on the kv heads' rows and every query head sharing a kv head reads the same factor
   (``max|X|`` is taken over those query heads' columns). Not in the paper's code (it smooths only norm → linear
-  pairs) [NQ]; ``linears: false`` turns it off.
+  pairs) [NQ]; ``linears: false`` turns it off. A consumer with an online input transform (rotate's R4 before
+  ``down_proj``, ``online_o`` before ``o_proj``) cannot take the fold and is refused.
 
 α: one value, or per mapping keyed by the norm's or the source linear's leaf name (``{post_attention_layernorm:
 0.8, up_proj: 0.5}``); with ``search`` [NQ] each block picks one α from ``grid`` by the block-output MSE of the
@@ -70,6 +71,11 @@ class _Plan:
         self.norms = [m for m in block_mappings(model, ctx.index, ctx.arch) if m.norm.startswith(prefix)]
         self.pairs = [m for m in block_linear_mappings(model, ctx.index, ctx.arch) if m.scales != "none"] \
             if linears else []
+        for path in [c for m in self.norms for c in m.consumers] + [m.consumer for m in self.pairs]:
+            if getattr(model.get_submodule(path), "input_transform", None) is not None:
+                raise StepError(f"smoothquant: {path} applies an online transform (rotate's r4 / online_o) to its "
+                                f"input, which smoothing cannot be folded through: set smoothquant 'linears: false' "
+                                f"or turn that rotation off")
         watched = {m.consumers[0]: make_observer("absmax") for m in self.norms}
         watched.update({m.consumer: make_observer("absmax") for m in self.pairs})
         with observe_modules(model, watched, where="input"), torch.no_grad():
