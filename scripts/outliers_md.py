@@ -1,0 +1,81 @@
+"""Render ``eval/outliers_smollm2.md`` (issue 10's side-by-side table) from its records.
+
+The table is README's ``outliers`` block (``readme_numbers._outliers``); this adds the notes and the related
+records (rotation seeds, LLM.int8 threshold sweep). Run after ``scripts/bench_llmcompressor.py --table outliers``:
+
+    python scripts/outliers_md.py
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import readme_numbers as rn  # noqa: E402
+
+TABLE = REPO / "eval" / "outliers_smollm2.json"
+INT8_SWEEP = REPO / "eval" / "outliers_llm_int8_threshold.json"
+SEEDS = REPO / "eval" / "outliers_rotation_seeds.json"
+OUT = REPO / "eval" / "outliers_smollm2.md"
+
+
+def _missing(table: dict) -> list[str]:
+    """``row (side)`` for every side of a listed row that has no result and is not marked n/a."""
+    out = []
+    for key in rn.OUTLIER_ORDER:
+        row = table["rows"].get(key)
+        if row is None:
+            out.append(f"{key} (both sides)")
+            continue
+        for side in ("normquant", "llmcompressor"):
+            if not isinstance(row.get(side), dict) and not row.get(f"{side}_none_reason"):
+                out.append(f"{key} ({side})")
+    return out
+
+
+def render() -> str:
+    d = json.loads(TABLE.read_text())
+    lli = json.loads(INT8_SWEEP.read_text())
+    seeds = json.loads(SEEDS.read_text())
+    table = rn._outliers({rn.OUTLIERS: d})
+    sweep = ", ".join(f"α {k}: {100 * v['vs_float']:+.2f}% ({100 * v['float_column_share']:.1f}% of input columns "
+                      f"float)" for k, v in lli["thresholds"].items())
+    limits = lli["limits"]
+    w8a16 = 100 * (limits["w8a16 (every input float)"] / lli["float"] - 1)
+    w8a8 = 100 * (limits["w8a8 dynamic per-token (no decomposition)"] / lli["float"] - 1)
+    missing = _missing(d)
+    not_run = f"- Not run yet: {', '.join(missing)}.\n" if missing else ""
+    return f"""# Issue 10 table (SmolLM2-135M, WikiText-2 test, first 16 windows of 2048, float {d['float']['ppl']:.4f})
+
+Source: `eval/outliers_smollm2.json`, written by `scripts/bench_llmcompressor.py --table outliers --samples 16
+--windows 16 --threads 2` over several runs (`--resume`; each side names the commit of the run that made it in
+`git_commit`; rows ran with the recipe stored in the row). One C4 16×2048 calibration tensor and one WikiText-2 id
+tensor shared by both sides; normquant's evaluator on both. 2 CPU threads per side on a shared machine: the times
+in the JSON are not speed numbers. The same table is README's `outliers` block; this file is rendered by
+`scripts/outliers_md.py`.
+
+{table}
+Notes:
+- Rotated GPTQ rows (normquant) ran after the GPTQ Hessian fix (layers with an online transform: Hessian of
+  `T x`), with `recipes/w4a8_rotated.yaml` / `w4a4_rotated_gptq.yaml` as of that commit (online `o_proj`
+  Hadamard, full-range weight grid, act-order, MSE clip search).
+- "W4A4 ... RTN weights" (min-max) rows ran before the full-range grid existed (normquant's restricted grid, /7);
+  the "(both sides)" MSE row is like for like except the grid, activation clip 0.9 (normquant) and the random
+  signs; `w4a4-rotated-rtn-recipe` is normquant's recommended data-free W4A4 (`recipes/w4a4_rotated_rtn.yaml`).
+- llm-compressor's SpinQuant mean-centres the embedding rows (a LayerNorm step): its rotated float model is not
+  SmolLM2 exactly (smoke: 35.3457 → 35.4534 on 256 tokens); its rows run as shipped. `eval/llmcompressor/README.md`
+  ("Issue 10 table") lists every known difference.
+{not_run}
+Related records:
+- `eval/outliers_rotation_seeds.json` (4 windows, float {seeds['float']:.3f}): rotated W4A4 RTN (min-max, restricted
+  grid) over R1 seeds 0–{len(seeds['seeds']) - 1}: {', '.join(f"{v:.1f}" for v in seeds['seeds'].values())}.
+- `eval/outliers_llm_int8_threshold.json` (4 windows, float {lli['float']:.3f}): W8A16 {w8a16:+.2f}%, W8A8 dynamic
+  {w8a8:+.2f}%; {sweep}.
+"""
+
+
+if __name__ == "__main__":
+    OUT.write_text(render())
+    print(f"wrote {OUT.relative_to(REPO)}")
