@@ -310,8 +310,9 @@ OUTLIER_ROWS: dict[str, tuple[str, str, object, str]] = {
         lambda s: [_step(s, "rotate"), "rtn"], "derive"),
     "w4a4-rotated-rtn-mse": (
         "W4A4 dynamic per-token, rotation, RTN weights with the MSE clip search (both sides)",
-        "recipes/w4a4_rotated_gptq.yaml",
-        lambda s: [_step(s, "rotate"), {"rtn": {"mse": True}}], "derive"),
+        "recipes/w4a4_rotated_gptq.yaml",  # without the online o_proj Hadamard, which llm-compressor lacks
+        lambda s: [{"rotate": {**_step(s, "rotate")["rotate"], "online_o": False}}, {"rtn": {"mse": True}}],
+        "derive"),
     "w4a4-rotated-rtn-recipe": (
         "W4A4 dynamic per-token, rotation + online o_proj Hadamard, RTN weights on the full grid with the MSE clip "
         "search (recipes/w4a4_rotated_rtn.yaml)", "recipes/w4a4_rotated_rtn.yaml", None, "derive"),

@@ -175,6 +175,20 @@ def _modifier_record(mod) -> dict:
     return rec
 
 
+def _seed_transforms(seed: int) -> None:
+    """Seed compressed-tensors' random transforms (SpinQuant's random-hadamard): every ``TransformFactory`` draws
+    its signs from its own ``torch.Generator()``, left at torch's fixed default seed unless a ``seed`` is passed,
+    which SpinQuantModifier does not do. For the rotation-seed probe (``scripts/probe_rotation_seeds.py``) only."""
+    from compressed_tensors.transform.factory.base import TransformFactory
+
+    make = TransformFactory.from_scheme.__func__
+
+    def seeded(cls, scheme, **kwargs):
+        return make(cls, scheme, **{**kwargs, "seed": seed})
+
+    TransformFactory.from_scheme = classmethod(seeded)
+
+
 def run_llmcompressor_modifiers(job: dict, model, calib: torch.Tensor) -> tuple[float, float, dict]:
     """The issue 10 table's llm-compressor side: ``oneshot`` with a list of modifiers (``pipeline="independent"``,
     oneshot's default: every modifier gets its own calibration pass, so SmoothQuant is applied before the
@@ -186,6 +200,8 @@ def run_llmcompressor_modifiers(job: dict, model, calib: torch.Tensor) -> tuple[
     from transformers import AutoTokenizer
 
     lc = job["llmcompressor"]
+    if lc.get("transform_seed") is not None:
+        _seed_transforms(lc["transform_seed"])
     tok = AutoTokenizer.from_pretrained(job["model_dir"])
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     modifiers = [_build_modifier(m) for m in lc["modifiers"]]
