@@ -18,6 +18,7 @@ import readme_numbers as rn  # noqa: E402
 TABLE = REPO / "eval" / "outliers_smollm2.json"
 INT8_SWEEP = REPO / "eval" / "outliers_llm_int8_threshold.json"
 SEEDS = REPO / "eval" / "outliers_rotation_seeds.json"
+SEEDS_SIDES = REPO / "eval" / "outliers_rotation_seeds_sides.json"
 OUT = REPO / "eval" / "outliers_smollm2.md"
 
 
@@ -39,6 +40,9 @@ def render() -> str:
     d = json.loads(TABLE.read_text())
     lli = json.loads(INT8_SWEEP.read_text())
     seeds = json.loads(SEEDS.read_text())
+    both = json.loads(SEEDS_SIDES.read_text())
+    nq, lc = both["seeds"]["normquant"], both["seeds"]["llmcompressor"]
+    med = both["normquant_summary"]["median"] / both["llmcompressor_summary"]["median"]
     table = rn._outliers({rn.OUTLIERS: d})
     sweep = ", ".join(f"α {k}: {100 * v['vs_float']:+.2f}% ({100 * v['float_column_share']:.1f}% of input columns "
                       f"float)" for k, v in lli["thresholds"].items())
@@ -69,7 +73,12 @@ Notes:
   ("Issue 10 table") lists every known difference.
 {not_run}
 Related records:
-- `eval/outliers_rotation_seeds.json` (4 windows, float {seeds['float']:.3f}): rotated W4A4 RTN (min-max, restricted
+- `eval/outliers_rotation_seeds_sides.json` (`scripts/probe_rotation_seeds.py`, row `{both['row']}`: full grid, no
+  online `o_proj` Hadamard, MSE clip, 4 windows, float {both['float']:.3f}) over rotation seeds on both sides:
+  normquant {', '.join(f"{k}: {v:.1f}" for k, v in nq.items())} (median {both['normquant_summary']['median']:.1f});
+  llm-compressor {', '.join(f"{k}: {v:.1f}" for k, v in lc.items())} (median of the seeded runs
+  {both['llmcompressor_summary']['median']:.1f}); medians' ratio {med:.3f}.
+- `eval/outliers_rotation_seeds.json` (earlier version of that probe, normquant only; 4 windows, float {seeds['float']:.3f}): rotated W4A4 RTN (min-max, restricted
   grid) over R1 seeds 0–{len(seeds['seeds']) - 1}: {', '.join(f"{v:.1f}" for v in seeds['seeds'].values())}.
 - `eval/outliers_llm_int8_threshold.json` (4 windows, float {lli['float']:.3f}): W8A16 {w8a16:+.2f}%, W8A8 dynamic
   {w8a8:+.2f}%; {sweep}.
