@@ -619,6 +619,11 @@ def run_table(args) -> None:
                if plan["lc_modifiers"] is not None else None}
         job_path = work / f"job_table_{row}.json"
         job_path.write_text(json.dumps(job, indent=2) + "\n")
+        for side in {"normquant", "llmcompressor"} - set(sides):  # a side not run now keeps its result (same recipe)
+            same = (old.get("normquant_recipe", {}).get("hash") == recipe.hash() if side == "normquant" else
+                    old.get("llmcompressor_recipe") == entry["llmcompressor_recipe"])
+            if same and isinstance(old.get(side), dict):
+                entry[side] = {"git_commit": previous_commit, **old[side]}
         for side in sides:
             if side == "llmcompressor" and plan["lc_modifiers"] is None:
                 entry["llmcompressor"] = None
