@@ -600,6 +600,21 @@ def run_table(args) -> None:
     lc_done: dict[str, str] = {  # llm-compressor recipe (JSON) -> the row that ran it (carried rows too)
         json.dumps(e["llmcompressor_recipe"], sort_keys=True): row for row, e in doc["rows"].items()
         if e.get("llmcompressor_recipe") and "ppl" in (e.get("llmcompressor") or {})}
+
+    def keep_previous(row: str, side: str, entry: dict, old: dict, recipe) -> bool:
+        """Copy the previous run's result of ``side`` into ``entry`` when its recipe is unchanged; a kept side names
+        the commit of the run that made it (the document's commit is this run's)."""
+        same = (old.get("normquant_recipe", {}).get("hash") == recipe.hash() if side == "normquant" else
+                old.get("llmcompressor_recipe") == entry["llmcompressor_recipe"])
+        if not (same and isinstance(old.get(side), dict) and "ppl" in old[side]):
+            return False
+        entry[side] = {"git_commit": previous_commit, **old[side]}
+        if side == "llmcompressor":
+            entry["llmcompressor_resolved_scheme"] = old.get("llmcompressor_resolved_scheme")
+            entry["llmcompressor_resolved_mismatches"] = old.get("llmcompressor_resolved_mismatches")
+            lc_done.setdefault(json.dumps(entry["llmcompressor_recipe"], sort_keys=True), row)
+        return True
+
     for row in rows:
         plan = plans[row]
         recipe = plan["recipe"]
@@ -619,24 +634,14 @@ def run_table(args) -> None:
                if plan["lc_modifiers"] is not None else None}
         job_path = work / f"job_table_{row}.json"
         job_path.write_text(json.dumps(job, indent=2) + "\n")
-        for side in {"normquant", "llmcompressor"} - set(sides):  # a side not run now keeps its result (same recipe)
-            same = (old.get("normquant_recipe", {}).get("hash") == recipe.hash() if side == "normquant" else
-                    old.get("llmcompressor_recipe") == entry["llmcompressor_recipe"])
-            if same and isinstance(old.get(side), dict):
-                entry[side] = {"git_commit": previous_commit, **old[side]}
+        for side in {"normquant", "llmcompressor"} - set(sides):  # a side not run now keeps its result
+            keep_previous(row, side, entry, old, recipe)
         for side in sides:
             if side == "llmcompressor" and plan["lc_modifiers"] is None:
                 entry["llmcompressor"] = None
                 continue
-            same = (old.get("normquant_recipe", {}).get("hash") == recipe.hash() if side == "normquant" else
-                    old.get("llmcompressor_recipe") == entry["llmcompressor_recipe"])
-            if same and isinstance(old.get(side), dict) and "ppl" in old[side]:
-                # a kept side names the commit of the run that made it (the document's commit is this run's)
-                entry[side] = {"git_commit": previous_commit, **old[side], "resumed": True}
-                if side == "llmcompressor":
-                    entry["llmcompressor_resolved_scheme"] = old.get("llmcompressor_resolved_scheme")
-                    entry["llmcompressor_resolved_mismatches"] = old.get("llmcompressor_resolved_mismatches")
-                    lc_done.setdefault(json.dumps(entry["llmcompressor_recipe"], sort_keys=True), row)
+            if keep_previous(row, side, entry, old, recipe):
+                entry[side]["resumed"] = True
                 print(f"[table] {row} / {side}: kept from the previous run (ppl {old[side]['ppl']:.4f})", flush=True)
                 continue
             lc_key = json.dumps(entry["llmcompressor_recipe"], sort_keys=True)

@@ -57,8 +57,10 @@ def main() -> None:
     recipe, source = bench.build_row_recipe(args.row, args.samples, args.seqlen, 0)
     mods, diffs, reason = bench.lc_modifiers_for(recipe, bench.OUTLIER_ROWS[args.row][3])
     rotate = next((s for s in recipe.steps if s.name == "rotate"), None)
-    if rotate is None or (mods is None and "llmcompressor" in sides):
-        raise SystemExit(f"row '{args.row}' has no rotation{'' if mods else ' or no llm-compressor recipe: ' + str(reason)}")
+    if rotate is None:
+        raise SystemExit(f"row '{args.row}' has no rotation: pick a rotated row")
+    if mods is None and "llmcompressor" in sides:
+        raise SystemExit(f"row '{args.row}' has no llm-compressor recipe ({reason}): pass --sides normquant")
     work = Path(args.work_dir).expanduser()
     work.mkdir(parents=True, exist_ok=True)
     model_dir = materialize_packaged("smollm2-135m")
