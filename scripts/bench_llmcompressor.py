@@ -485,6 +485,21 @@ def _side_summary(rec: dict, float_ppl: float) -> dict:
     return out
 
 
+def same_normquant_recipe(old: dict | None, recipe) -> bool:
+    """Whether a recorded normquant recipe is ``recipe``: the recorded dump is parsed again under today's schema, so
+    a change of serialization alone (a default written out then, left out now) does not count as a new recipe."""
+    from normquant.recipe import RecipeError, parse_recipe
+
+    if not old:
+        return False
+    if old.get("hash") == recipe.hash():
+        return True
+    try:
+        return parse_recipe(copy.deepcopy(old["recipe"]), source="recorded recipe").hash() == recipe.hash()
+    except (RecipeError, KeyError):
+        return False
+
+
 def run_table(args) -> None:
     from transformers import AutoTokenizer
 
@@ -604,7 +619,7 @@ def run_table(args) -> None:
     def keep_previous(row: str, side: str, entry: dict, old: dict, recipe) -> bool:
         """Copy the previous run's result of ``side`` into ``entry`` when its recipe is unchanged; a kept side names
         the commit of the run that made it (the document's commit is this run's)."""
-        same = (old.get("normquant_recipe", {}).get("hash") == recipe.hash() if side == "normquant" else
+        same = (same_normquant_recipe(old.get("normquant_recipe"), recipe) if side == "normquant" else
                 old.get("llmcompressor_recipe") == entry["llmcompressor_recipe"])
         if not (same and isinstance(old.get(side), dict) and "ppl" in old[side]):
             return False
