@@ -8,7 +8,10 @@ import torch
 from normquant.methods.smoothquant import SmoothQuant, smoothing_factors
 from normquant.pipeline.run import quantize, wrap_linears
 from normquant.pipeline.runner import run_blocks
-from normquant.recipe import parse_recipe
+from normquant.methods.quarot import rotate_model
+from normquant.models.arch import get_architecture
+from normquant.pipeline.step import StepError
+from normquant.recipe import RecipeError, parse_recipe
 from tests.test_rotation import _float64_norms
 from tests.tiny_models import model_output, tiny_inputs, tiny_model
 
@@ -71,15 +74,22 @@ def test_alpha_out_of_range_is_refused():
 def test_smoothing_through_an_online_transform_is_refused(rotate):
     """A consumer with an online input transform ``T`` stores ``W Tᵀ``; scaling its columns does not undo the
     source's ``1/s`` on the other side of ``T`` (measured before the refusal: relative logit error 0.025 with R4
-    vs 0.003 without, W8, tiny llama float64). ``linears: false`` smooths only norm → linear pairs and runs."""
-    def run(linears):
-        model = tiny_model("llama")
-        recipe = parse_recipe({"scheme": {"weights": {"bits": 8}}, "steps": [
+    vs 0.003 without, W8, tiny llama float64). The recipe is refused when it loads (one line, before any model is
+    read); ``linears: false`` smooths only norm → linear pairs and runs. A model rotated outside a recipe is
+    refused by the step itself when it meets the transformed consumer."""
+    def recipe(linears, steps=None):
+        return parse_recipe({"scheme": {"weights": {"bits": 8}}, "steps": steps or [
             {"rotate": rotate}, {"smoothquant": {"alpha": 0.5, "linears": linears}}],
             "calibration": {"samples": 2, "seqlen": 16, "batch_size": 2}})
-        return quantize(model, recipe, tiny_inputs(model, batch=2, seq=16), progress=False)
 
-    with pytest.raises(Exception, match=r"smoothquant: .*(down_proj|o_proj) applies an online transform") as e:
-        run(True)
+    with pytest.raises(RecipeError, match=r"smoothquant after 'rotate': .*linears: false") as e:
+        recipe(True)
     assert "\n" not in str(e.value)
-    run(False)
+    model = tiny_model("llama")
+    quantize(model, recipe(False), tiny_inputs(model, batch=2, seq=16), progress=False)
+
+    model = tiny_model("llama")
+    rotate_model(model, get_architecture(model), r4=rotate["r4"], online_o=rotate.get("online_o", False))
+    with pytest.raises(StepError, match=r"smoothquant: .*(down_proj|o_proj) applies an online transform"):
+        quantize(model, recipe(True, [{"smoothquant": {"alpha": 0.5}}]), tiny_inputs(model, batch=2, seq=16),
+                 progress=False)

@@ -146,5 +146,8 @@ class Rotation(Step):
     online_o: bool = Field(False, exclude_if=lambda v: not v)  # not dumped when off: former recipes keep their hash
     seed: int = Field(0, ge=0)
 
+    def online_input_transforms(self) -> bool:
+        return self.r4 or self.online_o
+
     def apply_model(self, model, arch) -> None:
         rotate_model(model, arch, r1=self.r1, r2=self.r2, r4=self.r4, online_o=self.online_o, seed=self.seed)

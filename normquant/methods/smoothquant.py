@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from normquant.models.arch import block_linear_mappings, block_mappings
@@ -119,6 +119,22 @@ class SmoothQuant(Step):
     grid: list[float] = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
     search_samples: int = Field(4, gt=0)
 
+    @field_validator("alpha", "grid")
+    @classmethod
+    def _in_unit_interval(cls, v):
+        values = list(v.values()) if isinstance(v, dict) else v if isinstance(v, list) else [v]
+        bad = [a for a in values if not 0 < a < 1]
+        if bad:
+            raise ValueError(f"smoothquant: alpha must lie in (0, 1), got {bad[0]}")
+        return v
+
+    def conflict_with(self, earlier: Step) -> str | None:
+        if self.linears and earlier.online_input_transforms():
+            return (f"smoothquant after '{earlier.name}': its online transforms on down_proj/o_proj inputs (r4, "
+                    f"online_o) cannot take smoothing's linear -> linear folds: set smoothquant 'linears: false' "
+                    f"or turn those rotations off")
+        return None
+
     def _alpha_for(self, chosen: float | None):
         """α by mapping key: the searched one, the single ``alpha``, or the table (``default`` for the rest)."""
         if chosen is not None or isinstance(self.alpha, float):
@@ -129,10 +145,6 @@ class SmoothQuant(Step):
         return lambda key: table.get(key, default)
 
     def apply_block(self, ctx) -> None:
-        values = [self.alpha] if isinstance(self.alpha, float) else list(self.alpha.values())
-        bad = [a for a in values + self.grid if not 0 < a < 1]
-        if bad:
-            raise StepError(f"smoothquant: alpha must lie in (0, 1), got {bad[0]}")
         plan = _Plan(ctx, self.linears)
         if not plan.norms and not plan.pairs:
             return

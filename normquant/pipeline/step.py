@@ -13,6 +13,10 @@ It declares what it needs, so a recipe's order is checked when it loads:
 ``needs_float_weights``  must see the block's weights before any step quantizes them (RepQuant, norm tweaking)
 ``quantizes_weights``    leaves the block's weights quantized (RTN, GPTQ, norm tweaking)
 
+and, for pairs the flags cannot express, ``conflict_with(earlier)`` (this step cannot follow that one, e.g.
+SmoothQuant's linear -> linear folds after a rotation that leaves online transforms on those linears' inputs,
+``online_input_transforms()``).
+
 Steps register themselves with :func:`register_step`. The built-in ones live in ``normquant.methods`` (every
 module there is imported on first lookup); other packages add theirs through the ``normquant.steps`` entry-point
 group, or by calling :func:`register_step` before the recipe is parsed. No central list is edited.
@@ -48,6 +52,14 @@ class Step(BaseModel):
 
     def apply_block(self, ctx) -> None:
         """Per-block phase; default: nothing."""
+
+    def online_input_transforms(self) -> bool:
+        """Whether this step leaves online transforms on linear inputs (``QuantLinear.input_transform``)."""
+        return False
+
+    def conflict_with(self, earlier: "Step") -> str | None:
+        """Why this step cannot run after ``earlier`` (one line, saying what to change), or None."""
+        return None
 
     @classmethod
     def model_wide(cls) -> bool:
@@ -98,7 +110,8 @@ def check_order(steps: list[Step]) -> None:
 
     * a model-wide step runs before every per-block step, so it must be listed before them;
     * a step that needs float weights cannot follow one that quantizes them;
-    * two steps cannot both quantize the weights.
+    * two steps cannot both quantize the weights;
+    * a step's own ``conflict_with`` an earlier one.
     """
     for j, later in enumerate(steps):
         for earlier in steps[:j]:
@@ -112,3 +125,6 @@ def check_order(steps: list[Step]) -> None:
                                     if later.quantizes_weights else ""))
             if earlier.quantizes_weights and later.quantizes_weights:
                 raise StepError(f"steps '{earlier.name}' and '{later.name}' both quantize the weights: keep one")
+            conflict = later.conflict_with(earlier)
+            if conflict:
+                raise StepError(conflict)
