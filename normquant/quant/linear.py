@@ -150,7 +150,19 @@ def calibrate_static_inputs(qls, run) -> None:
         q.freeze()
 
 
-class QuantLinear(nn.Module):
+class OnlineInputTransform(nn.Module):
+    """The ``input_transform`` slot of a quantized linear (fake-quant or integer): an online transform ``T``
+    (QuaRot's Hadamard before ``down_proj``) applied to the input before the input quantizer."""
+
+    input_transform: nn.Module | None
+
+    def transformed_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` after the online ``input_transform`` ``T`` (before the input quantizer): what the stored weight
+        ``W Tᵀ`` multiplies, so also what GPTQ's Hessian is taken of."""
+        return x if self.input_transform is None else self.input_transform(x)
+
+
+class QuantLinear(OnlineInputTransform):
     """Linear layer with fake-quantized weight and (optionally) input activations; ``y = Q(T(x)) Q(W)^T + b``.
 
     ``input_transform`` ``T`` (optional) is an online transform applied before the input quantizer (QuaRot's
@@ -250,11 +262,6 @@ class QuantLinear(nn.Module):
         """Install an already fake-quantized weight (``s * (q - z)``) and its qparams (GPTQ's output)."""
         self.weight.data = w_hat.to(self.weight.dtype)
         self.weight_scale, self.weight_zero_point = scale.float(), zero.float()
-
-    def transformed_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` after the online ``input_transform`` ``T`` (before the input quantizer): what the stored weight
-        ``W Tᵀ`` multiplies, so also what GPTQ's Hessian is taken of."""
-        return x if self.input_transform is None else self.input_transform(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.transformed_input(x)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normquant.messages import one_line
-from normquant.quant.linear import QuantLinear
+from normquant.quant.linear import OnlineInputTransform, QuantLinear
 from normquant.quant.prefix import prefix_of
 from normquant.quant.packing import pack_codes, unpack_codes
 from normquant.quant.primitives import QuantError, activation_view, code_dtype, dequantize, serving_qparams_view
@@ -138,7 +138,7 @@ def row_quantizer():
     return _COMPILED["fn"]
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(OnlineInputTransform):
     """A quantized linear run as an int8 GEMM (module docstring); built from a QuantLinear by :meth:`from_quant`.
 
     ``backend``: ``"onednn"`` (CPU: u8×s8 ``qlinear_pointwise``, unsigned codes) or ``"int_mm"``
@@ -174,8 +174,7 @@ class Int8Linear(nn.Module):
                    ql.input_transform, backend, zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_transform is not None:
-            x = self.input_transform(x)
+        x = self.transformed_input(x)
         spec, dtype, shape = self.input_spec, x.dtype, x.shape
         xv, _ = activation_view(x, spec)  # compressed-tensors' rows: [B*T, C], or the whole tensor
         z, zp = self.input_zero, self.input_zero_point
@@ -228,7 +227,7 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_z
     return mm(x, packed, group_size, scales_and_zeros)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(OnlineInputTransform):
     """W4A16 through PyTorch's int4 GEMM: tinygemm (``torch.ops.aten._weight_int4pack_mm``, CUDA, bfloat16) or
     its CPU twin (``_weight_int4pack_mm_for_cpu``, the activations' dtype). The kernel dequantizes
     ``(u - 8) · s + z_t`` per group from unsigned 4-bit codes ``u``; normquant's ``s (q - z)`` is that with
@@ -278,8 +277,7 @@ class Int4Linear(nn.Module):
         return ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_transform is not None:
-            x = self.input_transform(x)
+        x = self.transformed_input(x)
         dtype, shape = x.dtype, x.shape
         x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
         y = int4_mm(x2, self.weight_packed, self.group_size, self.scales_and_zeros).reshape(*shape[:-1],
@@ -292,7 +290,7 @@ class Int4Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int4 g{self.group_size} x {self.scales_and_zeros.dtype}"
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(OnlineInputTransform):
     """A quantized linear whose weight is held as its integer codes, packed at their bit width (int32 words,
     :func:`normquant.quant.packing.pack_to_int32`), with its float32 scales (and zero points when asymmetric);
     each call dequantizes ``s (q - z)`` — the very float weight the QuantLinear held — and runs a float GEMM, so
@@ -337,8 +335,7 @@ class PackedLinear(nn.Module):
         return dequantize(*self._float_codes(), self.spec).to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_transform is not None:
-            x = self.input_transform(x)
+        x = self.transformed_input(x)
         if self.input_quant is not None:
             x = self.input_quant(x)
         return F.linear(x, self.dequantized_weight(), self.bias)
