@@ -286,14 +286,18 @@ OUTLIER_ROWS: dict[str, tuple[str, str, object, str]] = {
         lambda s: [{"smoothquant": {**_step(s, "smoothquant")["smoothquant"], "linears": False}}, "rtn"], "derive"),
     "w8a8-static-rotated": (
         "W8A8 static per-tensor, rotation R1+R2+R4", "recipes/w8a8_static_rotated.yaml", None, "derive"),
-    "w8a8-static-prefix-rotated": (
-        "W8A8 static per-tensor, PrefixQuant prefix (BOS) + rotation R1+R2+R4",
-        "recipes/w8a8_static_prefix_rotated.yaml", None,
-        "PrefixQuant's float prefix (a KV cache with float activations) has no llm-compressor modifier"),
     "w8a8-static-rotated-repquant": (
         "W8A8 static per-tensor, rotation + RepQuant", "recipes/w8a8_static_rotated.yaml",
         lambda s: [_step(s, "rotate"), _repquant_step(s), "rtn"],
         "RepQuant (per-channel norm-output quantizers reparameterized to per-tensor) has no llm-compressor modifier"),
+    "w8a8-static-prefix-rotated": (
+        "W8A8 static per-tensor, PrefixQuant prefix (BOS) + rotation R1+R2+R4",
+        "recipes/w8a8_static_prefix_rotated.yaml", None,
+        "PrefixQuant's float prefix (a KV cache with float activations) has no llm-compressor modifier"),
+    "w8a8-llm-int8": (
+        "W8A8 LLM.int8() decomposition (threshold 6)", "recipes/w8a8_int8_decomp.yaml", None,
+        "LLM.int8()'s mixed-precision decomposition (outlier input columns kept in float per forward pass) has "
+        "no compressed-tensors quantization scheme"),
     "w4a8-rtn": (
         "W4A8 dynamic per-token, RTN weights", "recipes/w4a8_rotated.yaml", lambda s: ["rtn"], "derive"),
     "w4a8-rotated-rtn": (
@@ -321,10 +325,6 @@ OUTLIER_ROWS: dict[str, tuple[str, str, object, str]] = {
         lambda s: [_step(s, "gptq")], "derive"),
     "w4a4-rotated-gptq": (
         "W4A4 dynamic per-token, rotation, GPTQ weights", "recipes/w4a4_rotated_gptq.yaml", None, "derive"),
-    "w8a8-llm-int8": (
-        "W8A8 LLM.int8() decomposition (threshold 6)", "recipes/w8a8_int8_decomp.yaml", None,
-        "LLM.int8()'s mixed-precision decomposition (outlier input columns kept in float per forward pass) has "
-        "no compressed-tensors quantization scheme"),
 }
 
 #: Differences that hold for every llm-compressor row (compressed-tensors' arithmetic vs normquant's).
@@ -577,6 +577,7 @@ def run_table(args) -> None:
         "protocol_key": protocol_key,
         "float": None,
         "rows_order": rows,
+        "display_order": list(OUTLIER_ROWS),  # the table's row order (README, eval/outliers_smollm2.md)
         "rows": {},
         "git_commit": git_commit(REPO),  # "-dirty" when the code had uncommitted changes
         "code_sha256": code_sha,
