@@ -25,7 +25,7 @@ OUT = REPO / "eval" / "outliers_smollm2.md"
 def _missing(table: dict) -> list[str]:
     """``row (side)`` for every side of a listed row that has no result and is not marked n/a."""
     out = []
-    for key in rn.OUTLIER_ORDER:
+    for key in rn.outlier_rows(table):
         row = table["rows"].get(key)
         if row is None:
             out.append(f"{key} (both sides)")
@@ -64,10 +64,15 @@ in the JSON are not speed numbers. The same table is README's `outliers` block; 
 Notes:
 - Rotated GPTQ rows (normquant) ran after the GPTQ Hessian fix (layers with an online transform: Hessian of
   `T x`), with `recipes/w4a8_rotated.yaml` / `w4a4_rotated_gptq.yaml` as of that commit (online `o_proj`
-  Hadamard, full-range weight grid, act-order, MSE clip search).
-- "W4A4 ... RTN weights" (min-max) rows ran before the full-range grid existed (normquant's restricted grid, /7);
-  the "(both sides)" MSE row is like for like except the grid, activation clip 0.9 (normquant) and the random
-  signs; `w4a4-rotated-rtn-recipe` is normquant's recommended data-free W4A4 (`recipes/w4a4_rotated_rtn.yaml`).
+  Hadamard, full-range weight grid, act-order, MSE clip search); llm-compressor's run SpinQuant R1R2R4, then
+  `GPTQModifier(actorder="static")` with the same MSE weight observer (no online `o_proj` Hadamard).
+- The W4 rows take their recipe's full-range INT4 weight grid (/7.5, compressed-tensors' grid); the rotated ones
+  from `w4a8_rotated.yaml` / `w4a4_rotated_gptq.yaml` keep its online `o_proj` Hadamard (normquant only). The
+  "(both sides)" MSE row drops it and is like for like except normquant's activation clip 0.9 and the random
+  signs (see the seed probe below); `w4a4-rotated-rtn-recipe` is normquant's recommended data-free W4A4
+  (`recipes/w4a4_rotated_rtn.yaml`).
+- The float model measured 20.71333 in the runs before 2026-12-03 and 20.71351 in those since (a fresh machine,
+  same software versions; 9e-6 relative); the ×float columns divide by the table's latest float.
 - llm-compressor's SpinQuant mean-centres the embedding rows (a LayerNorm step): its rotated float model is not
   SmolLM2 exactly (smoke: 35.3457 → 35.4534 on 256 tokens); its rows run as shipped. `eval/llmcompressor/README.md`
   ("Issue 10 table") lists every known difference.

@@ -513,11 +513,10 @@ resident memory above the imports: in memory {peak('memory'):.2f} GiB ({runs['me
 """
 
 
-#: display order of the issue 10 table (a run records its rows in the order it ran them)
-OUTLIER_ORDER = ("w8a8-static-naive", "w8a8-static-smoothquant", "w8a8-static-smoothquant-normpairs",
-                 "w8a8-static-rotated", "w8a8-static-rotated-repquant", "w8a8-static-prefix-rotated", "w8a8-llm-int8",
-                 "w4a8-rtn", "w4a8-rotated-rtn", "w4a8-gptq", "w4a8-rotated-gptq", "w4a4-rtn", "w4a4-rotated-rtn",
-                 "w4a4-rotated-rtn-mse", "w4a4-rotated-rtn-recipe", "w4a4-gptq", "w4a4-rotated-gptq")
+def outlier_rows(table: dict) -> list[str]:
+    """The issue 10 table's rows in display order: the benchmark's row order (``display_order``, written by
+    ``bench_llmcompressor.py --table``), else the order the run recorded them."""
+    return list(table.get("display_order") or table["rows_order"])
 
 
 def _outliers(r):
@@ -529,7 +528,7 @@ def _outliers(r):
 
     lines = [f"| row (first 16 windows, float {f:.3f}) | normquant | ×float | llm-compressor | ×float | ratio |",
              "|---|---:|---:|---:|---:|---:|"]
-    for key in sorted(t["rows_order"], key=lambda k: OUTLIER_ORDER.index(k) if k in OUTLIER_ORDER else len(OUTLIER_ORDER)):
+    for key in outlier_rows(t):
         e = t["rows"].get(key)
         if e is None:  # a run stopped before this row
             continue
