@@ -9,7 +9,7 @@ transformers (it pins transformers<=5.17; the venv takes torch 2.13.0+cpu from t
     /tmp/lcvenv/bin/pip install torch==2.13.0          # 2.13.0+cpu from /opt/wheels (no CUDA build)
     /tmp/lcvenv/bin/pip install --dry-run llmcompressor   # check: must not list torch
     /tmp/lcvenv/bin/pip install llmcompressor          # llmcompressor 0.14.0.1, compressed-tensors 0.19.0, transformers 5.17.0
-    # normquant is used from the source tree: the benchmark puts /work/main on PYTHONPATH for the venv side
+    # normquant is used from the source tree: the benchmark puts this checkout on PYTHONPATH for every side
     # (its runtime needs there, pyyaml/pydantic/safetensors/datasets/pyarrow/tqdm, come with llmcompressor).
 
 One run:
@@ -71,6 +71,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SIDE = REPO / "scripts" / "llmcompressor_side.py"
+# this checkout's normquant, here and in every side process (PYTHONPATH): an editable install of another checkout
+# (a worktree run with the main checkout's venv) would otherwise supply the code while the record names this one
+sys.path.insert(0, str(REPO))
 
 SCHEMES = {
     "w4a16-g64": {"recipe": "recipes/w4a16_g64_gptq.yaml"},
@@ -197,12 +200,11 @@ def check_resolved(lc: dict, resolved: dict) -> list[str]:
     return diffs
 
 
-def run_side(side: str, python: str, job_path: Path, out: Path, log: Path, extra_pythonpath: bool) -> dict:
+def run_side(side: str, python: str, job_path: Path, out: Path, log: Path) -> dict:
     env = dict(os.environ)
     threads = json.loads(job_path.read_text())["threads"]
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    if extra_pythonpath:
-        env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     cmd = [python, str(SIDE), side, "--job", str(job_path), "--out", str(out)]
     t0 = time.perf_counter()
@@ -217,7 +219,7 @@ def run_side(side: str, python: str, job_path: Path, out: Path, log: Path, extra
     return rec
 
 
-def float_side(python: str, tag: str, job: dict, job_path: Path, work: Path, extra_pythonpath: bool) -> dict:
+def float_side(python: str, tag: str, job: dict, job_path: Path, work: Path) -> dict:
     """Float perplexity, cached per (python, eval ids, windows)."""
     key = hashlib.sha256(f"{python}|{job['threads']}|{job['model_dir']}|{job['eval_sha256']}|{job['windows']}|{job['seqlen']}".encode()).hexdigest()[:12]
     cached = work / f"float_{tag}_{key}.json"
@@ -225,7 +227,7 @@ def float_side(python: str, tag: str, job: dict, job_path: Path, work: Path, ext
         rec = json.loads(cached.read_text())
         rec["cached"] = True
         return rec
-    rec = run_side("float", python, job_path, cached, work / f"float_{tag}.log", extra_pythonpath)
+    rec = run_side("float", python, job_path, cached, work / f"float_{tag}.log")
     cached.write_text(json.dumps(rec, indent=2) + "\n")
     rec["cached"] = False
     return rec
@@ -599,12 +601,12 @@ def run_table(args) -> None:
             doc["rows"][row] = {**entry, "carried": True}
             doc["rows_order"] = [*doc["rows_order"], row]
 
-    float_main = float_side(sys.executable, "main", base_job, float_job_path, work, extra_pythonpath=False)
+    float_main = float_side(sys.executable, "main", base_job, float_job_path, work)
     print(f"[table] float ppl (main env) {float_main['ppl']:.4f}", flush=True)
     float_rec = {"ppl": float_main["ppl"], "eval": float_main["eval"], "versions_main": float_main["versions"],
                  "eval_wall_s": float_main.get("eval_wall_s"), "cached_main": float_main.get("cached")}
     if "llmcompressor" in sides:
-        float_venv = float_side(args.venv_python, "venv", base_job, float_job_path, work, extra_pythonpath=True)
+        float_venv = float_side(args.venv_python, "venv", base_job, float_job_path, work)
         print(f"[table] float ppl (llm-compressor venv) {float_venv['ppl']:.4f}", flush=True)
         float_rec.update(ppl_venv=float_venv["ppl"], versions_venv=float_venv["versions"],
                          cached_venv=float_venv.get("cached"))
@@ -668,12 +670,12 @@ def run_table(args) -> None:
                     entry[k] = doc["rows"][src].get(k)
                 print(f"[table] {row} / {side}: same llm-compressor recipe as {src}, result reused", flush=True)
                 continue
-            python, pp = (sys.executable, False) if side == "normquant" else (args.venv_python, True)
+            python = sys.executable if side == "normquant" else args.venv_python
             load = os.getloadavg()
             print(f"[table] {row} / {side}: running (loadavg {load[0]:.2f}) ...", flush=True)
             try:
                 rec = run_side(side, python, job_path, work / f"table_{side}_{row}.json",
-                               work / f"table_{side}_{row}.log", pp)
+                               work / f"table_{side}_{row}.log")
             except SystemExit as e:
                 entry[side] = {"error": str(e)[-4000:], "log": str(work / f"table_{side}_{row}.log")}
                 failed.append(f"{row}/{side}")
@@ -782,20 +784,19 @@ def main() -> None:
 
     print(f"[bench] scheme {args.scheme}: N={args.samples} x {args.seqlen}, windows={args.windows}; "
           f"work dir {work}", flush=True)
-    float_main = float_side(sys.executable, "main", job, job_path, work, extra_pythonpath=False)
+    float_main = float_side(sys.executable, "main", job, job_path, work)
     print(f"[bench] float ppl (main env) {float_main['ppl']:.4f}", flush=True)
-    float_venv = float_side(args.venv_python, "venv", job, job_path, work, extra_pythonpath=True)
+    float_venv = float_side(args.venv_python, "venv", job, job_path, work)
     print(f"[bench] float ppl (llm-compressor venv) {float_venv['ppl']:.4f}", flush=True)
 
-    sides = {"normquant": (sys.executable, False), "llmcompressor": (args.venv_python, True)}
+    sides = {"normquant": sys.executable, "llmcompressor": args.venv_python}
     order = ["normquant", "llmcompressor"] if args.order == "normquant-first" else ["llmcompressor", "normquant"]
     results, load_before = {}, {}
     for side in order:
         load_before[side] = os.getloadavg()
         print(f"[bench] {side}: quantizing (loadavg {load_before[side][0]:.2f}) ...", flush=True)
-        python, pp = sides[side]
-        results[side] = run_side(side, python, job_path, work / f"{side}_{args.scheme}.json",
-                                 work / f"{side}_{args.scheme}.log", pp)
+        results[side] = run_side(side, sides[side], job_path, work / f"{side}_{args.scheme}.json",
+                                 work / f"{side}_{args.scheme}.log")
         r = results[side]
         print(f"[bench] {side}: ppl {r['ppl']:.4f}, quantization {r['quant_wall_s']:.1f} s wall / "
               f"{r['quant_cpu_s']:.1f} s CPU, peak RSS {r['peak_rss_quant_mib']:.0f} MiB", flush=True)

@@ -20,7 +20,8 @@ normquant recipe (a dict) and the llm-compressor GPTQModifier arguments, or (iss
    ``weight_scale``; normquant: every target is a ``QuantLinear`` with a quantized weight);
 5. evaluates WikiText-2 perplexity with normquant's evaluator on the first ``windows`` windows.
 
-The llm-compressor side needs ``/work/main`` on ``PYTHONPATH`` (for normquant's evaluator).
+Every side runs with the checkout on ``PYTHONPATH`` (the bench sets it): normquant is imported from the
+checkout the record names, whatever an editable install points at; ``versions.normquant_from`` says where.
 """
 from __future__ import annotations
 
@@ -279,7 +280,9 @@ def run_llmcompressor_modifiers(job: dict, model, calib: torch.Tensor) -> tuple[
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": sys.version.split()[0], "executable": sys.executable}
+    import normquant
+
+    out = {"python": sys.version.split()[0], "executable": sys.executable, "normquant_from": normquant.__path__[0]}
     for pkg in ("torch", "transformers", "llmcompressor", "compressed-tensors", "accelerate", "datasets"):
         try:
             out[pkg] = version(pkg)

@@ -81,15 +81,15 @@ def main() -> None:
                 steps = [{"rotate": {**rotate.model_dump(), "seed": seed}} if s.name == "rotate"
                          else {s.name: s.model_dump()} for s in recipe.steps]
                 job = {**base_job, "normquant_recipe": {**recipe.to_dict(), "steps": steps}, "llmcompressor": None}
-                python, pp = sys.executable, False
+                python = sys.executable
             else:
                 lc = {"modifiers": mods, "batch_size": 1, "transform_seed": None if seed == "default" else seed}
                 job = {**base_job, "normquant_recipe": None, "llmcompressor": lc}
-                python, pp = args.venv_python, True
+                python = args.venv_python
             path = work / f"job_seeds_{side}_{seed}.json"
             path.write_text(json.dumps(job, indent=2))
             rec = bench.run_side(side, python, path, work / f"seeds_{side}_{seed}.json",
-                                 work / f"seeds_{side}_{seed}.log", pp)
+                                 work / f"seeds_{side}_{seed}.log")
             out["seeds"][side][seed] = rec["ppl"]
             out[f"{side}_summary"] = _summary(out["seeds"][side])
             print(f"{side} seed {seed}: {rec['ppl']:.3f}", flush=True)
