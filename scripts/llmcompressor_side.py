@@ -281,8 +281,10 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     import normquant
+    from normquant.evaluation.records import cpu
 
-    out = {"python": sys.version.split()[0], "executable": sys.executable, "normquant_from": normquant.__path__[0]}
+    out = {"python": sys.version.split()[0], "executable": sys.executable, "normquant_from": normquant.__path__[0],
+           "cpu": cpu()}
     for pkg in ("torch", "transformers", "llmcompressor", "compressed-tensors", "accelerate", "datasets"):
         try:
             out[pkg] = version(pkg)

@@ -6,6 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from normquant.cli import main
+from normquant.evaluation.records import CPU_FLAGS
 from normquant.models import loading
 
 
@@ -36,6 +37,8 @@ def test_run_writes_results_json(tiny_dir, data_dir, tmp_path, capsys):
     assert q["windows"] == 2 and q["windows_total"] == 304986 // 64 and q["seqlen"] == 64
     assert "first 2 of 4765 windows" in q["protocol"]
     assert q["ppl"] > 1 and q["tokens_per_s"] > 0 and rec["environment"]["normquant"]
+    cpu = rec["environment"]["cpu"]  # the CPU changes the last bits of a result (kernels), so records name it
+    assert set(cpu) == {"model", "flags"} and (cpu["flags"] is None or set(cpu["flags"]) <= set(CPU_FLAGS))
     assert "w8a8-rtn" in capsys.readouterr().out
 
 

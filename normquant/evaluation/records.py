@@ -28,9 +28,26 @@ def git_commit(tree: str | Path | None = None) -> str:
         return "unknown"
 
 
+#: CPU features that change which kernels run (and so the last bits of a result that quantization can amplify)
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu() -> dict:
+    """The CPU's model name and which of :data:`CPU_FLAGS` it has (Linux ``/proc/cpuinfo``; else the platform's
+    processor string and no flags)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": platform.processor() or None, "flags": None}
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)  # the last CPU's lines
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    have = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name"), "flags": [f for f in CPU_FLAGS if f in have]}
+
+
 def environment() -> dict:
     return {"normquant": __version__, "git_commit": git_commit(), "torch": torch.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "threads": torch.get_num_threads(), "cpu": cpu(),
             "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
