@@ -91,8 +91,9 @@ Notes:
   `eval/llmcompressor/README.md`), do not reproduce their table values:
 {repro}  The KV full stack's float-KV evaluations the same day (`eval/kv_smollm2.json`, the same recipes plus a KV
   cache attached after quantization) gave 42.250 and 24.558. Two runs of the same W4A8 quantization at the same moment on one machine gave bit-identical weights, so the
-  difference comes from something that changes between runs (suspects: load-dependent threading in BLAS, the
-  machine); until it is found, read these rows as ±4%.
+  difference comes from something that changes between runs: the two quiet W4A8 reruns agree (24.558), the one
+  that ran while other jobs loaded the CPU (run1) does not (suspects: a load-dependent kernel choice, amplified by
+  the dynamic grid's −7.5 tie at every token's negative absmax); until it is found, read these rows as ±4%.
 
 Related records:
 - `eval/outliers_rotation_seeds_sides.json` (`scripts/probe_rotation_seeds.py`, row `{both['row']}`: full grid, no
