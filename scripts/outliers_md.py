@@ -20,6 +20,7 @@ INT8_SWEEP = REPO / "eval" / "outliers_llm_int8_threshold.json"
 SEEDS = REPO / "eval" / "outliers_rotation_seeds.json"
 SEEDS_SIDES = REPO / "eval" / "outliers_rotation_seeds_sides.json"
 REPRO = sorted((REPO / "eval" / "outliers_repro").glob("run*.json"))  # the same rows run again, nothing kept
+KV = REPO / "eval" / "kv_smollm2.json"  # its full-stack rows: the rotated GPTQ recipes plus a KV cache
 OUT = REPO / "eval" / "outliers_smollm2.md"
 
 
@@ -57,6 +58,8 @@ def render() -> str:
     repro = "".join(
         f"  `{row}`: table {d['rows'][row]['normquant']['ppl']:.3f}, reruns {', '.join(f'{v:.3f}' for v in vals)}\n"
         for row, vals in reruns.items())
+    stack = json.loads(KV.read_text())["stack"]
+    stack_float_kv = " and ".join(f"{e['ppl_float_kv']:.3f} ({name})" for name, e in stack.items())
     missing = _missing(d)
     not_run = f"- Not run yet: {', '.join(missing)}.\n" if missing else ""
     return f"""# Issue 10 table (SmolLM2-135M, WikiText-2 test, first 16 windows of 2048, float {d['float']['ppl']:.4f})
@@ -90,10 +93,12 @@ Notes:
   benchmark without `--resume`; the 2026-12-02 rows took normquant from the main checkout's working tree, see
   `eval/llmcompressor/README.md`), do not reproduce their table values:
 {repro}  The KV full stack's float-KV evaluations the same day (`eval/kv_smollm2.json`, the same recipes plus a KV
-  cache attached after quantization) gave 42.250 and 24.558. Two runs of the same W4A8 quantization at the same moment on one machine gave bit-identical weights, so the
-  difference comes from something that changes between runs: the two quiet W4A8 reruns agree (24.558), the one
-  that ran while other jobs loaded the CPU (run1) does not (suspects: a load-dependent kernel choice, amplified by
-  the dynamic grid's −7.5 tie at every token's negative absmax); until it is found, read these rows as ±4%.
+  cache attached after quantization) gave {stack_float_kv}.
+  Two runs of the same W4A8 quantization at the same moment on one machine gave bit-identical weights, so the
+  difference comes from something that changes between runs: the two quiet W4A8 reruns (run2, run3) agree, the
+  one that ran while other jobs loaded the CPU (run1) does not (suspects: a load-dependent kernel choice,
+  amplified by the dynamic grid's −7.5 tie at every token's negative absmax); until it is found, read these rows
+  as ±4%.
 
 Related records:
 - `eval/outliers_rotation_seeds_sides.json` (`scripts/probe_rotation_seeds.py`, row `{both['row']}`: full grid, no

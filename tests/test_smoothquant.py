@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from normquant.methods.quarot import rotate_model
 from normquant.methods.smoothquant import SmoothQuant, smoothing_factors
+from normquant.models.arch import get_architecture
 from normquant.pipeline.run import quantize, wrap_linears
 from normquant.pipeline.runner import run_blocks
-from normquant.methods.quarot import rotate_model
-from normquant.models.arch import get_architecture
 from normquant.pipeline.step import StepError
 from normquant.recipe import RecipeError, parse_recipe
 from tests.test_rotation import _float64_norms
