@@ -286,9 +286,13 @@ def _ieee_fp32_matmul(device: torch.device) -> Iterator[None]:
 class GPTQ(Step):
     """GPTQ weights (METHODS.md §6.2) from Hessians of the block's quantized-path inputs.
 
-    All linears of a block collect their Hessians in one pass over the calibration inputs, then each is
-    quantized column by column with error feedback. ``act_order`` uses static groups, so an export needs no
-    reordering. ``mse`` adds the per-row/group clip search (§5.2).
+    By default all linears of a block collect their Hessians in one pass over the calibration inputs, then each
+    is quantized column by column with error feedback. ``true_sequential`` (the reference code's
+    ``--true-sequential``) quantizes the block's linears in call order, a group at a time (linears reading one
+    input tensor form a group: q/k/v, then o_proj, then gate/up, then down_proj in a llama block), each group's
+    Hessians taken from a pass in which the groups before it are already quantized: one calibration pass per
+    group instead of one per block. ``act_order`` uses static groups, so an export needs no reordering. ``mse``
+    adds the per-row/group clip search (§5.2).
     """
 
     name = "gptq"
@@ -298,10 +302,16 @@ class GPTQ(Step):
     dampening: float = Field(0.01, gt=0)
     act_order: bool = False
     mse: bool = False
+    true_sequential: bool = Field(False, exclude_if=lambda v: not v)  # not dumped when off: former recipes keep their hash
 
     @torch.no_grad()
     def apply_block(self, ctx) -> None:
         qls = {n: ql for n, ql in ctx.quant_linears.items() if ql.weight_spec is not None}
+        for group in (call_groups(ctx, qls) if self.true_sequential else [list(qls)]):
+            self._quantize(ctx, {n: qls[n] for n in group})
+
+    def _quantize(self, ctx, qls: dict) -> None:
+        """One calibration pass collecting the Hessians of ``qls``, then GPTQ on each of them."""
         accs = {n: HessianAccumulator(ql.in_features, name=f"{ctx.name}.{n}") for n, ql in qls.items()}
         # a layer with an online transform T stores W Tᵀ: its Hessian is E[(Tx)(Tx)ᵀ], of the transformed input
         hooks = [ql.register_forward_pre_hook(lambda m, args, acc=accs[n]: acc.add(m.transformed_input(args[0])))
@@ -317,3 +327,30 @@ class GPTQ(Step):
                                 percdamp=self.dampening, act_order=self.act_order, mse=self.mse,
                                 layer_name=f"{ctx.name}.{n}")
             ql.set_quantized_weight(res.weight, res.scale, res.zero)
+
+
+@torch.no_grad()
+def call_groups(ctx, qls: dict) -> list[list[str]]:
+    """The names of ``qls`` in the order the block calls them on one calibration sample, split into groups of
+    consecutive calls on the same input tensor (q/k/v | o_proj | gate/up | down_proj in a llama block); linears
+    the block never calls come last, as one group."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    hooks = [ql.register_forward_pre_hook(lambda m, args, n=n: calls.append((n, args[0]))) for n, ql in qls.items()]
+    try:
+        ctx.forward(ctx.inputs[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[str]] = []
+    seen, last = set(), None
+    for n, x in calls:
+        if n in seen:
+            continue
+        if groups and x is last:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+        seen.add(n)
+        last = x
+    missing = [n for n in qls if n not in seen]
+    return groups + ([missing] if missing else [])
