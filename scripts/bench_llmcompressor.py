@@ -476,7 +476,7 @@ def check_resolved_group(want: dict, resolved: dict) -> list[str]:
 
 def _side_summary(rec: dict, float_ppl: float) -> dict:
     keep = ("ppl", "quant_wall_s", "quant_cpu_s", "eval_wall_s", "process_wall_s", "peak_rss_quant_mib",
-            "peak_rss_end_mib", "check", "loadavg_at_start", "loadavg_after_quant", "command")
+            "peak_rss_end_mib", "check", "loadavg_at_start", "loadavg_after_quant", "state_sha256", "command")
     out = {k: rec.get(k) for k in keep}
     if "float_with_prefix" in rec:  # PrefixQuant rows: the float model reading the same prefix
         out["float_with_prefix_ppl"] = rec["float_with_prefix"]["ppl"]

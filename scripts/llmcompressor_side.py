@@ -17,7 +17,8 @@ normquant recipe (a dict) and the llm-compressor GPTQModifier arguments, or (iss
    its 2048 x 49152 logits) and again at the end;
 4. checks that the quantization is really in the forward path (llm-compressor: every target Linear is
    ``QuantizationStatus.FROZEN`` with quantization enabled and its weight on the integer grid of its
-   ``weight_scale``; normquant: every target is a ``QuantLinear`` with a quantized weight);
+   ``weight_scale``; normquant: every target is a ``QuantLinear`` with a quantized weight), and records
+   ``state_sha256``, a hash of the quantized model's state dict (two runs with one hash made the same model);
 5. evaluates WikiText-2 perplexity with normquant's evaluator on the first ``windows`` windows.
 
 Every side runs with the checkout on ``PYTHONPATH`` (the bench sets it): normquant is imported from the
@@ -26,6 +27,7 @@ checkout the record names, whatever an editable install points at; ``versions.no
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -38,6 +40,17 @@ import torch
 
 def maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def state_sha256(model) -> str:
+    """sha256[:16] over the model's state dict (names, dtypes, shapes, bytes) after quantization: two runs with
+    the same hash quantized to the same model, so a perplexity difference between them is the evaluation's."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def cpu_seconds() -> float:
@@ -313,7 +326,7 @@ def main() -> None:
         run = run_normquant if args.side == "normquant" else run_llmcompressor
         wall, cpu, check = run(job, model, calib)
         rec.update(quant_wall_s=wall, quant_cpu_s=cpu, peak_rss_quant_mib=maxrss_mib(), check=check,
-                   loadavg_after_quant=os.getloadavg())
+                   loadavg_after_quant=os.getloadavg(), state_sha256=state_sha256(model))
     eval_ids = torch.load(job["eval_path"])
     t0 = time.perf_counter()
     res = evaluate_perplexity(model, eval_ids, seqlen=job["seqlen"], windows=job["windows"], progress=False)
