@@ -70,10 +70,11 @@ def main() -> None:
            "title": bench.OUTLIER_ROWS[args.row][0], "normquant_recipe_source": source,
            "normquant_recipe": recipe.to_dict(), "llmcompressor_modifiers": mods, "llmcompressor_differences": diffs,
            "windows": args.windows, "calib_sha256": base_job["calib_sha256"], "eval_sha256": base_job["eval_sha256"],
-           "threads": args.threads, "environment": environment(), "float": None, "seeds": {s: {} for s in sides}}
+           "threads": args.threads, "environment": environment(), "float": None, "seeds": {s: {} for s in sides},
+           "state_sha256": {s: {} for s in sides}}
     float_job = work / "job_seeds_float.json"
     float_job.write_text(json.dumps({**base_job, "normquant_recipe": None, "llmcompressor": None}))
-    out["float"] = bench.float_side(sys.executable, "main", base_job, float_job, work, False)["ppl"]
+    out["float"] = bench.float_side(sys.executable, "main", base_job, float_job, work)["ppl"]
     print(f"float {out['float']:.3f}", flush=True)
     for side in sides:
         for seed in (["default"] if side == "llmcompressor" else []) + list(range(args.seeds)):
@@ -91,6 +92,7 @@ def main() -> None:
             rec = bench.run_side(side, python, path, work / f"seeds_{side}_{seed}.json",
                                  work / f"seeds_{side}_{seed}.log")
             out["seeds"][side][seed] = rec["ppl"]
+            out["state_sha256"][side][seed] = rec.get("state_sha256")
             out[f"{side}_summary"] = _summary(out["seeds"][side])
             print(f"{side} seed {seed}: {rec['ppl']:.3f}", flush=True)
             write_json(args.out, out)
