@@ -19,8 +19,7 @@ TABLE = REPO / "eval" / "outliers_smollm2.json"
 INT8_SWEEP = REPO / "eval" / "outliers_llm_int8_threshold.json"
 SEEDS = REPO / "eval" / "outliers_rotation_seeds.json"
 SEEDS_SIDES = REPO / "eval" / "outliers_rotation_seeds_sides.json"
-REPRO = sorted((REPO / "eval" / "outliers_repro").glob("run*.json"))  # the same rows run again, nothing kept
-KV = REPO / "eval" / "kv_smollm2.json"  # its full-stack rows: the rotated GPTQ recipes plus a KV cache
+REPRO = sorted((REPO / "eval" / "outliers_repro").glob("run*.json"))  # the same rows run again
 OUT = REPO / "eval" / "outliers_smollm2.md"
 
 
@@ -45,21 +44,23 @@ def render() -> str:
     both = json.loads(SEEDS_SIDES.read_text())
     nq, lc = both["seeds"]["normquant"], both["seeds"]["llmcompressor"]
     med = both["normquant_summary"]["median"] / both["llmcompressor_summary"]["median"]
-    table = rn._outliers({rn.OUTLIERS: d})
+    table = rn._outliers({rn.OUTLIERS: d, rn.OUTLIER_SEEDS: json.loads((REPO / rn.OUTLIER_SEEDS).read_text())})
     sweep = ", ".join(f"α {k}: {100 * v['vs_float']:+.2f}% ({100 * v['float_column_share']:.1f}% of input columns "
                       f"float)" for k, v in lli["thresholds"].items())
     limits = lli["limits"]
     w8a16 = 100 * (limits["w8a16 (every input float)"] / lli["float"] - 1)
     w8a8 = 100 * (limits["w8a8 dynamic per-token (no decomposition)"] / lli["float"] - 1)
-    reruns: dict[str, list[float]] = {}
+    reruns: dict[str, list[str]] = {}
     for path in REPRO:
         for row, e in json.loads(path.read_text())["rows"].items():
-            reruns.setdefault(row, []).append(e["normquant"]["ppl"])
+            sha = e["normquant"].get("state_sha256")
+            reruns.setdefault(row, []).append(f"{path.stem} {e['normquant']['ppl']:.3f}" + (f" ({sha})" if sha else ""))
+    table_sha = {row: d["rows"][row]["normquant"].get("state_sha256") for row in reruns}
     repro = "".join(
-        f"  `{row}`: table {d['rows'][row]['normquant']['ppl']:.3f}, reruns {', '.join(f'{v:.3f}' for v in vals)}\n"
-        for row, vals in reruns.items())
-    stack = json.loads(KV.read_text())["stack"]
-    stack_float_kv = " and ".join(f"{e['ppl_float_kv']:.3f} ({name})" for name, e in stack.items())
+        f"  `{row}`: table {d['rows'][row]['normquant']['ppl']:.3f}"
+        + (f" ({table_sha[row]})" if table_sha[row] else "") + f"; {', '.join(vals)}\n" for row, vals in reruns.items())
+    run4 = json.loads((REPO / "eval" / "outliers_repro" / "run4.json").read_text())
+    load4 = ", ".join(f"{v:.2f}" for v in run4["rows"]["w4a8-rotated-gptq"]["normquant"]["loadavg_after_quant"])
     missing = _missing(d)
     not_run = f"- Not run yet: {', '.join(missing)}.\n" if missing else ""
     return f"""# Issue 10 table (SmolLM2-135M, WikiText-2 test, first 16 windows of 2048, float {d['float']['ppl']:.4f})
@@ -87,18 +88,21 @@ Notes:
 - llm-compressor's SpinQuant mean-centres the embedding rows (a LayerNorm step): its rotated float model is not
   SmolLM2 exactly (smoke: 35.3457 → 35.4534 on 256 tokens); its rows run as shipped. `eval/llmcompressor/README.md`
   ("Issue 10 table") lists every known difference.
-{not_run}- **Run-to-run variation** (not understood yet): the normquant sides of the rotated GPTQ rows, run again on
-  2026-12-03 with the same recipe, calibration tensor and evaluator and no behaviour change to normquant/ since
-  their commit by its history (`eval/outliers_repro/run*.json`, each a `--rows ... --sides normquant` run of this
-  benchmark without `--resume`; the 2026-12-02 rows took normquant from the main checkout's working tree, see
-  `eval/llmcompressor/README.md`), do not reproduce their table values:
-{repro}  The KV full stack's float-KV evaluations the same day (`eval/kv_smollm2.json`, the same recipes plus a KV
-  cache attached after quantization) gave {stack_float_kv}.
-  Two runs of the same W4A8 quantization at the same moment on one machine gave bit-identical weights, so the
-  difference comes from something that changes between runs: the two quiet W4A8 reruns (run2, run3) agree, the
-  one that ran while other jobs loaded the CPU (run1) does not (suspects: a load-dependent kernel choice,
-  amplified by the dynamic grid's −7.5 tie at every token's negative absmax); until it is found, read these rows
-  as ±4%.
+{not_run}- **Reproducibility**: on one machine a row reproduces bit for bit; across machines and rotation seeds the
+  4-bit rows move by a few percent. The rotated GPTQ rows' normquant sides, run again with the same recipe,
+  calibration tensor and evaluator (`eval/outliers_repro/run*.json`; run0 holds the values this table had until
+  2026-12-03, measured on 2026-12-02 on another machine whose CPU was not recorded; run1–run4 are `--rows ...
+  --sides normquant` runs of this benchmark on the 2026-12-03 machine without `--resume`):
+{repro}  Every run on the 2026-12-03 machine with committed code gives one value per row, with the same quantized
+  model where recorded (`state_sha256`), also run4, which ran with two busy-loop processes on the machine's two
+  cores (loadavg {load4}). The one exception, run1's W4A8 (23.618), is not reproduced by any later run; it is
+  also the one run whose normquant was imported from the main checkout's working tree while it was being edited
+  (before the bench imported its own checkout) and whose weights were not hashed: kept as recorded, not counted.
+  The move between machines is numerical: the float model evaluates 20.71333 on the one and 20.71351 on the other
+  (another CPU), and a quantizer sends a value that sits near a rounding boundary to the
+  other code on a last-bit difference; at 4 bits a code is a large step, and GPTQ's error feedback carries each
+  change into the columns after it (the likely mechanism; the kernels were not traced). The rotation's random
+  signs move the W4A4 row more: see the seeds under the table.
 
 Related records:
 - `eval/outliers_rotation_seeds_sides.json` (`scripts/probe_rotation_seeds.py`, row `{both['row']}`: full grid, no

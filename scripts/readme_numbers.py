@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -116,6 +117,7 @@ TWEAK, REPQUANT = "eval/norm_tweak_smollm2.json", "eval/repquant_smollm2.json"
 MEMORY, MINILM, INSPECT = "eval/runner_memory.json", "eval/minilm_sqnr.json", "eval/inspect_smollm2/inspect.json"
 REAL, KV, OFFLOAD = "eval/real_cpu.json", "eval/kv_smollm2.json", "eval/offload_cpu.json"
 OUTLIERS = "eval/outliers_smollm2.json"
+OUTLIER_SEEDS = "eval/outliers_rotation_seeds_w4a4_gptq.json"  # the rotated GPTQ W4A4 row over rotation seeds
 
 _RUN = ("normquant run recipes/w8a8_rtn.yaml --no-baseline --windows {w} --output out/w8a8-{w}w && "
         "cp out/w8a8-{w}w/results.json {dst}")
@@ -163,6 +165,8 @@ COMMANDS = {
     OFFLOAD: f"python scripts/bench_offload.py --out {OFFLOAD}",
     OUTLIERS: f"python scripts/bench_llmcompressor.py --table outliers --data-dir {DATA} --samples 16 --windows 16 "
               "--threads 2  # llm-compressor in /tmp/lcvenv: see eval/llmcompressor/README.md",
+    OUTLIER_SEEDS: f"python scripts/probe_rotation_seeds.py --data-dir {DATA} --row w4a4-rotated-gptq --sides normquant "
+                   f"--seeds 5 --windows 16 --out {OUTLIER_SEEDS}",
 }
 
 
@@ -535,6 +539,14 @@ def _outliers(r):
         ratio = e.get("ppl_ratio_normquant_over_llmcompressor")
         lc = cell(e.get("llmcompressor")) if e.get("llmcompressor_recipe") else "n/a | "
         lines.append(f"| {e['title']} | {cell(e.get('normquant'))} | {lc} | {f'{ratio:.3f}' if ratio else ''} |")
+    seeds = r[OUTLIER_SEEDS]
+    nq = seeds["seeds"]["normquant"]
+    med = statistics.median(nq.values())
+    lines += ["", f"The rotated GPTQ W4A4 row over the rotation's random signs (`rotate: {{seed: S}}`, S = "
+                  f"{min(nq)}–{max(nq)}; the table is seed 0; same data, {seeds['windows']} windows): "
+                  + ", ".join(f"{v:.3f}" for v in nq.values())
+                  + f"; median {med:.3f} = ×{med / seeds['float']:.3f} float, range ×{min(nq.values()) / seeds['float']:.3f}"
+                  f"–×{max(nq.values()) / seeds['float']:.3f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -551,7 +563,7 @@ BLOCKS = [
     _block("sensitivity", (CORE, W8A8_16, MIXED, SENSITIVITY), _sensitivity),
     _block("bench-eval", (BENCH,), _bench),
     _block("llmcompressor", (LC_W4, LC_W8), _llmcompressor),
-    _block("outliers", (OUTLIERS,), _outliers),
+    _block("outliers", (OUTLIERS, OUTLIER_SEEDS), _outliers),
     _block("gptq-vs-rtn", (CORE, W34, LC_W4, W3G64_RTN, W4_MSE), _gptq_vs_rtn),
     _block("norm-tweak", (TWEAK, CORE, LC_W4), _tweak),
     _block("repquant", (REPQUANT,), _repquant),
