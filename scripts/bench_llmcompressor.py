@@ -42,8 +42,8 @@ under recipes/ or a dict derived from one) and the llm-compressor modifiers deri
 QuantizationModifier (RTN) or GPTQModifier), or None where llm-compressor has no equivalent (RepQuant, LLM.int8).
 One calibration tensor and one evaluator for every row; the float row once; the JSON (``--out``, default
 eval/outliers_smollm2.json) is rewritten after every side of every row; ``--rows``, ``--sides``, ``--resume``
-(a side whose recipe is unchanged is kept; rows not in ``--rows`` are carried over; every side names the commit
-of the run that made it)::
+(a side whose recipe is unchanged is kept, unless ``--redo``; rows not in ``--rows`` are carried over; every side
+names the commit of the run that made it)::
 
     python scripts/bench_llmcompressor.py --table outliers --data-dir /work/shared/data --samples 16 --windows 16
 
@@ -658,7 +658,7 @@ def run_table(args) -> None:
             if side == "llmcompressor" and plan["lc_modifiers"] is None:
                 entry["llmcompressor"] = None
                 continue
-            if keep_previous(row, side, entry, old, recipe):
+            if not args.redo and keep_previous(row, side, entry, old, recipe):
                 entry[side]["resumed"] = True
                 print(f"[table] {row} / {side}: kept from the previous run (ppl {old[side]['ppl']:.4f})", flush=True)
                 continue
@@ -760,7 +760,12 @@ def main() -> None:
     tb.add_argument("--resume", action="store_true",
                     help="keep the rows/sides of an existing --out whose protocol (calibration and eval tensors, "
                          "windows, seqlen, threads) and recipe are the same; run the rest")
+    tb.add_argument("--redo", action="store_true",
+                    help="with --resume: run the --rows' --sides again even where their recipe is unchanged (on "
+                         "another machine, say); the other rows are still carried over")
     args = ap.parse_args()
+    if args.redo and not args.resume:
+        ap.error("--redo goes with --resume (without it every listed row runs anyway and the others are dropped)")
     if args.table:
         run_table(args)
         return

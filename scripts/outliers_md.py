@@ -100,8 +100,9 @@ Notes:
   (before the bench imported its own checkout) and whose weights were not hashed: kept as recorded, not counted.
   The move between machines is numerical: the float model evaluates 20.71333 on the one and 20.71351 on the other
   (another CPU), and a quantizer sends a value that sits near a rounding boundary to the
-  other code on a last-bit difference; at 4 bits a code is a large step, and GPTQ's error feedback carries each
-  change into the columns after it (the likely mechanism; the kernels were not traced). The rotation's random
+  other code on a last-bit difference (the W4A8 rows' dynamic 8-bit grid, absmax/127.5, puts every token's
+  negative extreme on a rounding tie: docs/DESIGN.md); at 4 bits a code is a large step, and GPTQ's error
+  feedback carries each change into the columns after it (the likely mechanism; the kernels were not traced). The rotation's random
   signs move the W4A4 row more: see the seeds under the table.
 
 Related records:
