@@ -57,8 +57,10 @@ def render() -> str:
             reruns.setdefault(row, []).append(f"{path.stem} {e['normquant']['ppl']:.3f}" + (f" ({sha})" if sha else ""))
     table_sha = {row: d["rows"][row]["normquant"].get("state_sha256") for row in reruns}
     repro = "".join(
-        f"  `{row}`: table {d['rows'][row]['normquant']['ppl']:.3f}"
+        f"  - `{row}`: table {d['rows'][row]['normquant']['ppl']:.3f}"
         + (f" ({table_sha[row]})" if table_sha[row] else "") + f"; {', '.join(vals)}\n" for row, vals in reruns.items())
+    w4a4_seeds = json.loads((REPO / rn.OUTLIER_SEEDS).read_text())
+    seed0 = f"{w4a4_seeds['seeds']['normquant']['0']:.3f} ({w4a4_seeds['state_sha256']['normquant']['0']})"
     run4 = json.loads((REPO / "eval" / "outliers_repro" / "run4.json").read_text())
     load4 = ", ".join(f"{v:.2f}" for v in run4["rows"]["w4a8-rotated-gptq"]["normquant"]["loadavg_after_quant"])
     missing = _missing(d)
@@ -90,22 +92,26 @@ Notes:
   ("Issue 10 table") lists every known difference.
 {not_run}- **Reproducibility**: on one machine a row reproduces bit for bit; across machines and rotation seeds the
   4-bit rows move by a few percent. The rotated GPTQ rows' normquant sides, run again with the same recipe,
-  calibration tensor and evaluator (`eval/outliers_repro/run*.json`; run0 holds the values this table had until
+  calibration tensor and evaluator (`eval/outliers_repro/run*.json`: run0 holds the values this table had until
   2026-12-03, measured on 2026-12-02 on another machine whose CPU was not recorded; run1–run4 are `--rows ...
-  --sides normquant` runs of this benchmark on the 2026-12-03 machine without `--resume`):
-{repro}  Every run on the 2026-12-03 machine with committed code gives one value per row, with the same quantized
-  model where recorded (`state_sha256`), also run4, which ran with two busy-loop processes on the machine's two
-  cores (loadavg {load4}). The one exception, run1's W4A8 (23.618), is not reproduced by any later run; it is
-  also the one run whose normquant was imported from the main checkout's working tree while it was being edited
-  (before the bench imported its own checkout) and whose weights were not hashed: kept as recorded, not counted.
-  The move between machines is numerical: the float model evaluates 20.71333 on the one and 20.71351 on the other
-  (another CPU), and a quantizer sends a value that sits near a rounding boundary to the
-  other code on a last-bit difference (the W4A8 rows' dynamic 8-bit grid, absmax/127.5, puts every token's
-  negative extreme on a rounding tie: docs/DESIGN.md); at 4 bits a code is a large step, and GPTQ's error
-  feedback carries each change into the columns after it (the likely mechanism; the kernels were not traced). The rotation's random
-  signs move the W4A4 row more: see the seeds under the table.
+  --sides normquant` runs of this benchmark on the 2026-12-03 machine without `--resume`; `state_sha256` of the
+  quantized model in brackets where recorded):
+{repro}  and seed 0 of the W4A4 seed line under the table is that row once more: {seed0}.
+  Every run on the 2026-12-03 machine with committed code gives one value per row and, where hashed, one
+  quantized model, also run4, which ran with two busy-loop processes on the machine's two cores (loadavg after
+  its quantization {load4}). The one exception, run1's W4A8 (23.618), is not reproduced by any later run; it is
+  also the one run whose normquant was imported from the main checkout's working tree while that was being
+  edited (before the bench imported its own checkout), with no hash: kept as recorded, not counted.
+  The move between machines is numerical: the float model evaluates 20.71333 on the one and 20.71351 on the
+  other, and a quantizer sends a value near a rounding boundary to the other code on a last-bit difference (the
+  W4A8 rows' dynamic 8-bit grid, absmax/127.5, puts every token's negative extreme on a rounding tie:
+  docs/DESIGN.md); at 4 bits a code is a large step, and GPTQ's error feedback carries each change into the
+  columns after it (the likely mechanism; the kernels were not traced). The rotation's random signs move the
+  W4A4 row more: see the seed line under the table.
 
 Related records:
+- `eval/outliers_rotation_seeds_w4a4_gptq.json` (`scripts/probe_rotation_seeds.py --row w4a4-rotated-gptq --sides
+  normquant --seeds 5 --windows 16`): the seed line under the table, with each seed's `state_sha256`.
 - `eval/outliers_rotation_seeds_sides.json` (`scripts/probe_rotation_seeds.py`, row `{both['row']}`: full grid, no
   online `o_proj` Hadamard, MSE clip, 4 windows, float {both['float']:.3f}) over rotation seeds on both sides:
   normquant {', '.join(f"{k}: {v:.1f}" for k, v in nq.items())} (median {both['normquant_summary']['median']:.1f});
