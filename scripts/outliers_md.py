@@ -44,7 +44,8 @@ def render() -> str:
     both = json.loads(SEEDS_SIDES.read_text())
     nq, lc = both["seeds"]["normquant"], both["seeds"]["llmcompressor"]
     med = both["normquant_summary"]["median"] / both["llmcompressor_summary"]["median"]
-    table = rn._outliers({rn.OUTLIERS: d, rn.OUTLIER_SEEDS: json.loads((REPO / rn.OUTLIER_SEEDS).read_text())})
+    w4a4_seeds = json.loads((REPO / rn.OUTLIER_SEEDS).read_text())
+    table = rn._outliers({rn.OUTLIERS: d, rn.OUTLIER_SEEDS: w4a4_seeds})
     sweep = ", ".join(f"α {k}: {100 * v['vs_float']:+.2f}% ({100 * v['float_column_share']:.1f}% of input columns "
                       f"float)" for k, v in lli["thresholds"].items())
     limits = lli["limits"]
@@ -59,7 +60,6 @@ def render() -> str:
     repro = "".join(
         f"  - `{row}`: table {d['rows'][row]['normquant']['ppl']:.3f}"
         + (f" ({table_sha[row]})" if table_sha[row] else "") + f"; {', '.join(vals)}\n" for row, vals in reruns.items())
-    w4a4_seeds = json.loads((REPO / rn.OUTLIER_SEEDS).read_text())
     seed0 = f"{w4a4_seeds['seeds']['normquant']['0']:.3f} ({w4a4_seeds['state_sha256']['normquant']['0']})"
     run4 = json.loads((REPO / "eval" / "outliers_repro" / "run4.json").read_text())
     load4 = ", ".join(f"{v:.2f}" for v in run4["rows"]["w4a8-rotated-gptq"]["normquant"]["loadavg_after_quant"])

@@ -543,7 +543,7 @@ def _outliers(r):
     nq = seeds["seeds"]["normquant"]
     med = statistics.median(nq.values())
     lines += ["", f"The rotated GPTQ W4A4 row over the rotation's random signs (`rotate: {{seed: S}}`, S = "
-                  f"{min(nq)}–{max(nq)}; the table is seed 0; same data, {seeds['windows']} windows): "
+                  f"{min(map(int, nq))}–{max(map(int, nq))}; the table is seed 0; same data, {seeds['windows']} windows): "
                   + ", ".join(f"{v:.3f}" for v in nq.values())
                   + f"; median {med:.3f} = ×{med / seeds['float']:.3f} float, range ×{min(nq.values()) / seeds['float']:.3f}"
                   f"–×{max(nq.values()) / seeds['float']:.3f}."]
